@@ -1,0 +1,1 @@
+"""The verbs of the `tnt` command line, one module each."""

@@ -1,0 +1,139 @@
+"""Transformer pieces shared by TNT's inner and outer transformers and by the DeiT baselines."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+_FUSED_ATTENTION = True
+
+
+def fused_attention_enabled() -> bool:
+    return _FUSED_ATTENTION
+
+
+@contextlib.contextmanager
+def fused_attention(enabled: bool) -> Iterator[None]:
+    """Switch every `Attention` between `scaled_dot_product_attention` and explicit matrix products.
+
+    The explicit path is what FLOP counters and attention-map recorders see; both give the same result.
+    """
+    global _FUSED_ATTENTION
+    previous, _FUSED_ATTENTION = _FUSED_ATTENTION, enabled
+    try:
+        yield
+    finally:
+        _FUSED_ATTENTION = previous
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection.
+
+    The authors' code has separate `qk` and `v` projections; their concatenation (rows q, k, v) is `qkv`,
+    which lets one GEMM serve all three.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = self.attend(q, k, v)  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        drop = self.attn_drop if self.training else 0.0
+        if fused_attention_enabled():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        attn = self.attention_map(q, k)
+        return F.dropout(attn, drop) @ v
+
+    def attention_map(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Softmax attention weights (B, heads, N, N); the hook point for attention visualisation."""
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, *, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention over the token mean (paper Table 12; the authors' `SE(dim, 0.25)`).
+
+    Returns `x * tanh(fc2(relu(fc1(norm(mean(x))))))`; the block adds it to its input.
+    """
+
+    def __init__(self, dim: int, ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.norm(x.mean(dim=1, keepdim=True))  # (B, 1, C)
+        return x * torch.tanh(self.fc2(F.relu(self.fc1(a))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)) (optionally with SE on the MLP output)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        se_ratio: float = 0.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.se = SqueezeExcite(dim, se_ratio) if se_ratio > 0 else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        y = self.mlp(self.norm2(x))
+        if self.se is not None:
+            y = y + self.se(y)
+        return x + self.drop_path(y)

@@ -1,0 +1,371 @@
+"""Transformer in Transformer (Han et al., NeurIPS 2021), with the DeiT baseline as its no-inner-transformer case.
+
+Shapes: B images, N = grid_h * grid_w sentences (patches), m words per sentence, c word width, d sentence width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import TransformerBlock
+
+
+@dataclass(frozen=True)
+class TNTConfig:
+    """Everything that defines a TNT (or, with `tnt_blocks=()`, a DeiT) architecture.
+
+    Attributes:
+        tnt_blocks: 0-based indices of the blocks that have an inner transformer; None means all of them.
+            An empty tuple gives a plain ViT/DeiT with a linear 16x16 patch embedding.
+        inner_stride: word size in pixels; a 16x16 patch has (16 / inner_stride)**2 words.
+        se_ratio: hidden ratio of the SE module on the outer MLP (0 disables it; the authors use 0.25).
+        legacy: the older TNT-S layout (image-wide word convolution, per-word LayerNorm before projection).
+        global_pool: "token" (class token) or "avg" (mean of the sentence tokens).
+        norm_eps: LayerNorm epsilon of the transformer blocks (TNT: 1e-5, DeiT: 1e-6).
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    depth: int = 12
+    outer_dim: int = 384
+    outer_heads: int = 6
+    inner_dim: int = 24
+    inner_heads: int = 4
+    inner_stride: int = 4
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    tnt_blocks: tuple[int, ...] | None = None
+    se_ratio: float = 0.0
+    sentence_pos: bool = True
+    word_pos: bool = True
+    legacy: bool = False
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    global_pool: str = "token"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.tnt_blocks is not None:
+            object.__setattr__(self, "tnt_blocks", tuple(sorted(set(self.tnt_blocks))))
+        for name, ok in (
+            ("img_size must be a positive multiple of patch_size", self.img_size % self.patch_size == 0),
+            ("outer_dim must be divisible by outer_heads", self.outer_dim % self.outer_heads == 0),
+            (
+                "inner_dim must be divisible by inner_heads",
+                not self.has_words or self.inner_dim % self.inner_heads == 0,
+            ),
+            (
+                "patch_size must be divisible by inner_stride",
+                not self.has_words or self.patch_size % self.inner_stride == 0,
+            ),
+            ("global_pool must be 'token' or 'avg'", self.global_pool in ("token", "avg")),
+            ("depth must be positive", self.depth > 0),
+            (
+                f"tnt_blocks must lie in 0..{self.depth - 1}",
+                all(0 <= i < self.depth for i in self.tnt_blocks or ()),
+            ),
+        ):
+            if not ok:
+                raise ValueError(f"invalid TNTConfig: {name} (got {self})")
+
+    @property
+    def has_words(self) -> bool:
+        return self.tnt_blocks is None or len(self.tnt_blocks) > 0
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.img_size // self.patch_size, self.img_size // self.patch_size
+
+    @property
+    def words_per_side(self) -> int:
+        return math.ceil(self.patch_size / self.inner_stride)
+
+    @property
+    def num_words(self) -> int:
+        return self.words_per_side**2
+
+    def is_tnt_block(self, index: int) -> bool:
+        return self.tnt_blocks is None or index in self.tnt_blocks
+
+    def replace(self, **overrides: Any) -> TNTConfig:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown TNTConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **overrides)
+
+
+def patchify(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * H/size * W/size, C, size, size), patches in row-major order (as nn.Unfold)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // size, size, W // size, size).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(-1, C, size, size)
+
+
+class WordEmbed(nn.Module):
+    """Image -> visual words: a 7x7 stride-s convolution over each 16x16 patch (or, legacy, over the image)."""
+
+    def __init__(self, cfg: TNTConfig) -> None:
+        super().__init__()
+        self.patch_size, self.words_per_side, self.legacy = cfg.patch_size, cfg.words_per_side, cfg.legacy
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.inner_dim, kernel_size=7, stride=cfg.inner_stride, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B*N, c, k, k): convolve each patch, or (legacy) the whole image and then cut it into patches
+        x = patchify(self.proj(x), self.words_per_side) if self.legacy else self.proj(patchify(x, self.patch_size))
+        return x.flatten(2).transpose(1, 2)  # (B*N, m, c)
+
+
+class PatchEmbed(nn.Module):
+    """Image -> sentences by a linear projection of each patch (ViT/DeiT)."""
+
+    def __init__(self, cfg: TNTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.outer_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, d)
+
+
+class SentenceProjection(nn.Module):
+    """Words of each sentence -> one sentence-width vector: LN(m*c) -> Linear -> LN(d).
+
+    The legacy layout normalises each word (LN(c)) and has no second norm.
+    """
+
+    def __init__(self, num_words: int, inner_dim: int, outer_dim: int, *, bias: bool, legacy: bool = False) -> None:
+        super().__init__()
+        self.legacy = legacy
+        self.norm1 = nn.LayerNorm(inner_dim if legacy else num_words * inner_dim)
+        self.proj = nn.Linear(num_words * inner_dim, outer_dim, bias=bias)
+        self.norm2 = nn.Identity() if legacy else nn.LayerNorm(outer_dim)
+
+    def forward(self, words: torch.Tensor, batch: int) -> torch.Tensor:
+        if self.legacy:
+            x = self.norm1(words).reshape(batch, -1, words.shape[1] * words.shape[2])
+        else:
+            x = self.norm1(words.reshape(batch, -1, words.shape[1] * words.shape[2]))  # (B, N, m*c)
+        return self.norm2(self.proj(x))  # (B, N, d)
+
+
+class TNTBlock(nn.Module):
+    """Inner transformer over each sentence's words, word -> sentence projection, outer transformer.
+
+    Without an inner transformer (hybrid models, DeiT) it is a plain ViT block and passes the words through.
+    """
+
+    def __init__(self, cfg: TNTConfig, index: int, drop_path: float) -> None:
+        super().__init__()
+        common: dict[str, Any] = {
+            "mlp_ratio": cfg.mlp_ratio,
+            "qkv_bias": cfg.qkv_bias,
+            "drop": cfg.drop_rate,
+            "attn_drop": cfg.attn_drop_rate,
+            "drop_path": drop_path,
+            "norm_eps": cfg.norm_eps,
+        }
+        self.inner: TransformerBlock | None = None
+        self.word_proj: SentenceProjection | None = None
+        if cfg.is_tnt_block(index):
+            self.inner = TransformerBlock(cfg.inner_dim, cfg.inner_heads, **common)
+            self.word_proj = SentenceProjection(
+                cfg.num_words, cfg.inner_dim, cfg.outer_dim, bias=cfg.legacy, legacy=cfg.legacy
+            )
+        self.outer = TransformerBlock(cfg.outer_dim, cfg.outer_heads, se_ratio=cfg.se_ratio, **common)
+
+    def forward(self, words: torch.Tensor | None, sentences: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self.inner is not None and self.word_proj is not None and words is not None:
+            words = self.inner(words)  # (B*N, m, c)
+            update = self.word_proj(words, sentences.shape[0])  # (B, N, d)
+            sentences = torch.cat([sentences[:, :1], sentences[:, 1:] + update], dim=1)
+        return words, self.outer(sentences)
+
+
+class TNT(nn.Module):
+    """Transformer in Transformer; a DeiT when `cfg.tnt_blocks == ()`. Speaks timm's model API."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, cfg: TNTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.num_features = self.embed_dim = cfg.outer_dim
+        self.grad_checkpointing = False
+        self.pretrained_cfg: dict[str, Any] = {}
+
+        self.word_embed: WordEmbed | None = None
+        self.word_pos: nn.Parameter | None = None
+        self.sentence_embed: SentenceProjection | None = None
+        self.patch_embed: PatchEmbed | None = None
+        if cfg.has_words:
+            self.word_embed = WordEmbed(cfg)
+            if cfg.word_pos:
+                self.word_pos = nn.Parameter(torch.zeros(1, cfg.num_words, cfg.inner_dim))
+            self.sentence_embed = SentenceProjection(cfg.num_words, cfg.inner_dim, cfg.outer_dim, bias=True)
+        else:
+            self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.outer_dim))
+        n = cfg.grid_size[0] * cfg.grid_size[1]
+        self.sentence_pos = nn.Parameter(torch.zeros(1, n + 1, cfg.outer_dim)) if cfg.sentence_pos else None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth decay rule
+        self.blocks = nn.ModuleList(TNTBlock(cfg, i, rates[i]) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.outer_dim, eps=cfg.norm_eps)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head: nn.Module = nn.Linear(cfg.outer_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ---- initialisation and timm-style helpers -------------------------------------------------------------
+    def init_weights(self) -> None:
+        for p in (self.cls_token, self.sentence_pos, self.word_pos):
+            if p is not None:
+                trunc_normal_(p, std=0.02)
+        self.apply(_init_module)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "sentence_pos", "word_pos"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("token", "avg"):
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def check_input(self, x: object) -> tuple[int, int]:
+        """Validate an image batch and return its sentence grid (rows, columns)."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"expected a torch.Tensor image batch (B, C, H, W), got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-d image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        p = self.cfg.patch_size
+        if c != self.cfg.in_chans:
+            raise ValueError(f"expected {self.cfg.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(f"image height and width must be positive multiples of {p}, got {h}x{w}")
+        return h // p, w // p
+
+    def resized_sentence_pos(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Sentence position encoding for a grid; bicubic interpolation when it is not the trained one."""
+        if self.sentence_pos is None or grid == self.cfg.grid_size:
+            return self.sentence_pos
+        return resample_abs_pos_embed(
+            self.sentence_pos, new_size=list(grid), old_size=list(self.cfg.grid_size), num_prefix_tokens=1
+        )
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Image -> (words (B*N, m, c) or None, sentences (B, 1+N, d)) before the first block."""
+        grid = self.check_input(x)
+        B = x.shape[0]
+        words = None
+        if self.word_embed is not None and self.sentence_embed is not None:
+            words = self.word_embed(x)  # (B*N, m, c)
+            if self.word_pos is not None:
+                words = words + self.word_pos
+            sentences = self.sentence_embed(words, B)  # (B, N, d)
+        else:
+            assert self.patch_embed is not None
+            sentences = self.patch_embed(x)
+        sentences = torch.cat([self.cls_token.expand(B, -1, -1), sentences], dim=1)  # (B, 1+N, d)
+        pos = self.resized_sentence_pos(grid)
+        if pos is not None:
+            sentences = sentences + pos
+        return words, self.pos_drop(sentences)
+
+    def run_block(
+        self, block: nn.Module, words: torch.Tensor | None, sentences: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, words, sentences, use_reentrant=False)
+        return block(words, sentences)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        words, sentences = self.embed(x)
+        for block in self.blocks:
+            words, sentences = self.run_block(block, words, sentences)
+        return self.norm(sentences)  # (B, 1+N, d)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sentence tokens of chosen blocks as (B, d, grid_h, grid_w) maps.
+
+        Args:
+            indices: block indices (negative counts from the end), or an int n for the last n blocks;
+                None means all blocks.
+            norm: apply the final LayerNorm to each map.
+            intermediates_only: return only the maps; otherwise (final features, maps).
+        """
+        take = _take_indices(len(self.blocks), indices)
+        grid = self.check_input(x)
+        words, sentences = self.embed(x)
+        maps = []
+        last = len(self.blocks) - 1 if not intermediates_only else max(take)
+        for i, block in enumerate(self.blocks[: last + 1]):
+            words, sentences = self.run_block(block, words, sentences)
+            if i in take:
+                tokens = self.norm(sentences) if norm else sentences
+                maps.append(tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid))
+        if intermediates_only:
+            return maps
+        return self.norm(sentences), maps
+
+
+def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"cannot take the last {indices} of {depth} blocks")
+        return list(range(depth - indices, depth))
+    take = [i + depth if i < 0 else i for i in indices]
+    bad = [i for i, t in zip(indices, take, strict=True) if not 0 <= t < depth]
+    if bad:
+        raise ValueError(f"block indices {bad} out of range for a model of depth {depth}")
+    return take
+
+
+def _init_module(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
