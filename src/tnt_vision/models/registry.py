@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .tnt import TNT, TNTConfig
 
 TNT_MEAN = TNT_STD = (0.5, 0.5, 0.5)
@@ -59,7 +60,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 def register(spec: ModelSpec) -> ModelSpec:
     if spec.name in _REGISTRY:
-        raise ValueError(f"model name {spec.name!r} is already registered")
+        raise UserError(f"model name {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -75,7 +76,7 @@ def get_spec(name: str) -> ModelSpec:
     except KeyError:
         close = fnmatch.filter(_REGISTRY, f"*{name.split('_')[0]}*")[:5]
         hint = f"; similar: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; see `tnt models`") from None
+        raise UserError(f"unknown model {name!r}{hint}; see `tnt models`") from None
 
 
 def create_model(name: str, pretrained: bool | str | Path = False, **overrides: Any) -> TNT:

@@ -16,6 +16,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from .layers import TransformerBlock
 
 
@@ -78,7 +79,7 @@ class TNTConfig:
             ),
         ):
             if not ok:
-                raise ValueError(f"invalid TNTConfig: {name} (got {self})")
+                raise UserError(f"invalid TNTConfig: {name} (got {self})")
 
     @property
     def has_words(self) -> bool:
@@ -102,7 +103,7 @@ class TNTConfig:
     def replace(self, **overrides: Any) -> TNTConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown TNTConfig field(s): {', '.join(sorted(unknown))}")
+            raise UserError(f"unknown TNTConfig field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **overrides)
 
 
@@ -248,7 +249,7 @@ class TNT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
             if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+                raise UserError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -257,15 +258,15 @@ class TNT(nn.Module):
     def check_input(self, x: object) -> tuple[int, int]:
         """Validate an image batch and return its sentence grid (rows, columns)."""
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"expected a torch.Tensor image batch (B, C, H, W), got {type(x).__name__}")
+            raise UserError(f"expected a torch.Tensor image batch (B, C, H, W), got {type(x).__name__}")
         if x.ndim != 4:
-            raise ValueError(f"expected a 4-d image batch (B, C, H, W), got shape {tuple(x.shape)}")
+            raise UserError(f"expected a 4-d image batch (B, C, H, W), got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
         p = self.cfg.patch_size
         if c != self.cfg.in_chans:
-            raise ValueError(f"expected {self.cfg.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
+            raise UserError(f"expected {self.cfg.in_chans} input channels, got {c} (shape {tuple(x.shape)})")
         if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(f"image height and width must be positive multiples of {p}, got {h}x{w}")
+            raise UserError(f"image height and width must be positive multiples of {p}, got {h}x{w}")
         return h // p, w // p
 
     def resized_sentence_pos(self, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -352,12 +353,12 @@ def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
         return list(range(depth))
     if isinstance(indices, int):
         if not 0 < indices <= depth:
-            raise ValueError(f"cannot take the last {indices} of {depth} blocks")
+            raise UserError(f"cannot take the last {indices} of {depth} blocks")
         return list(range(depth - indices, depth))
     take = [i + depth if i < 0 else i for i in indices]
     bad = [i for i, t in zip(indices, take, strict=True) if not 0 <= t < depth]
     if bad:
-        raise ValueError(f"block indices {bad} out of range for a model of depth {depth}")
+        raise UserError(f"block indices {bad} out of range for a model of depth {depth}")
     return take
 
 
