@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import urllib.error
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -281,12 +282,12 @@ def download_weights(spec: ModelSpec, cache_dir: str | Path | None = None) -> Pa
                 f"it: create_model({spec.name!r}, pretrained='/path/{spec.weights.file_name}') or "
                 f"--checkpoint /path/{spec.weights.file_name}"
             ) from None
-    if spec.weights.sha256 is not None:
-        digest = sha256_of(dst)
-        if digest != spec.weights.sha256:
-            dst.unlink()
-            raise CheckpointError(
-                f"{dst} has sha256 {digest}, expected {spec.weights.sha256}: the download was corrupt and is "
-                "removed; try again"
-            )
+    digest = sha256_of(dst)
+    if spec.weights.sha256 is None:
+        warnings.warn(f"no published sha256 for {spec.weights.url}; {dst} has sha256 {digest}", stacklevel=2)
+    elif digest != spec.weights.sha256:
+        dst.unlink()
+        raise CheckpointError(
+            f"{dst} has sha256 {digest}, expected {spec.weights.sha256}: the download was corrupt and is removed"
+        )
     return dst
