@@ -319,6 +319,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(photo: Path, tmp_path: Pat
     err = _cli_error([*base, *ti, "--image", str(photo), "--blocks", "1,13"], capsys)
     assert "block 13 is out of range: the model has 12 blocks (1..12)" in err
     assert "unknown model" in _cli_error([*base, "--model", "tnt_xl", "--image", str(photo)], capsys)
+    assert "patch size 16" in _cli_error([*base, *ti, "--image", str(photo), "--img-size", "50"], capsys)
     deit = ["--model", "deit_ti_patch16_224", "--image", str(photo), "--figures", "inner-attention"]
     assert "no inner transformer" in _cli_error([*base, *deit], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jpg", "photo.png"]

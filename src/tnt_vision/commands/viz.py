@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..models import TNT, create_model, load_checkpoint
+from ..models import TNT, TNTConfig, create_model, get_spec, load_checkpoint
 from ..viz import KINDS, Recording, capture, make_pictures, preprocess, read_image, to_display, write_report
 from ..viz.report import check_out_dir
 
@@ -40,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out)
     image = read_image(args.image)
+    blocks = parse_blocks(args.blocks, model_config(args.model, args.img_size).depth)  # before the slow part
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.checkpoint, args.img_size)
-    blocks = parse_blocks(args.blocks, model.cfg.depth)
     rec, pixels = record(model, image)
     compare = {}
     if args.compare:
@@ -73,12 +73,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_model(name: str, checkpoint: Path | None, img_size: int | None) -> TNT:
-    """A model in eval mode; with a checkpoint, its weights (the classifier is not used, so not loaded)."""
+def model_config(name: str, img_size: int | None) -> TNTConfig:
     try:
-        model = create_model(name, **({"img_size": img_size} if img_size else {}))
+        cfg = get_spec(name).config
     except ValueError as e:
         raise UserError(str(e)) from None
+    if img_size is not None and (img_size <= 0 or img_size % cfg.patch_size):
+        raise UserError(f"--img-size {img_size} is not a positive multiple of the patch size {cfg.patch_size}")
+    return cfg.replace(**_overrides(img_size))
+
+
+def build_model(name: str, checkpoint: Path | None, img_size: int | None) -> TNT:
+    """A model in eval mode; with a checkpoint, its weights (the classifier is not used, so not loaded)."""
+    model_config(name, img_size)
+    model = create_model(name, **_overrides(img_size))
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, ignore_head=True)
     return model.eval()
@@ -117,6 +125,10 @@ def parse_patches(text: str | None) -> list[tuple[int, int]] | None:
 
 def parse_kinds(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _overrides(img_size: int | None) -> dict[str, int]:
+    return {"img_size": img_size} if img_size else {}
 
 
 def _grid(rec: Recording) -> str:

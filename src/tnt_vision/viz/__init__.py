@@ -1,5 +1,6 @@
 """See what TNT sees: record attention maps and tokens, and draw the paper's Figures 3-7.
 
+>>> import torch
 >>> from tnt_vision import create_model, viz
 >>> model = create_model("tnt_s_patch16_224", pretrained=True).eval()
 >>> x = viz.preprocess(viz.read_image("cat.jpg"), model)

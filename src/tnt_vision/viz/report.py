@@ -38,7 +38,7 @@ KINDS: dict[str, Kind] = {
     "tsne": Kind(
         "t-SNE of feature channels (Fig. 3b)",
         "Each point is one channel of the last block, placed by t-SNE from its values over this image's patches; "
-        "a wider spread means more diverse features.",
+        "the paper reads a wider spread as more diverse features.",
     ),
     "words": Kind(
         "Averaged word embeddings (Fig. 4)",
