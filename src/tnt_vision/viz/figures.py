@@ -115,7 +115,7 @@ def attention_rollout(rec: Recording, sample: int = 0) -> torch.Tensor:
 # ---- drawing helpers ---------------------------------------------------------------------------------------------
 def _figure(rows: int, cols: int, title: str) -> tuple[Figure, np.ndarray]:
     fig = Figure(figsize=(PANEL * cols, PANEL * rows + 0.6), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
