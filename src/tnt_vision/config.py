@@ -74,6 +74,9 @@ class TrainConfig:
         "hardware",
         choices=("auto", "bf16", "fp16", "none"),
     )
+    threads: int = _f(
+        0, "intra-op CPU threads per process (0: torch's default); 1 is fastest for tiny models", "hardware"
+    )
     compile: bool = _f(False, "torch.compile the model", "hardware")
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory", "hardware")
 

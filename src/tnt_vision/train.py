@@ -162,6 +162,8 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.dist, self.device = setup_distributed(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -216,6 +218,7 @@ class Run:
             "num_workers": cfg.workers,
             "collate_fn": datasets.collate_skipping,
             "pin_memory": self.device.type == "cuda",
+            "persistent_workers": cfg.workers > 0,  # samples are seeded by the sampler, not by worker state
             # a private generator: creating a loader must not consume the global RNG a resumed run restores
             "generator": torch.Generator().manual_seed(cfg.seed),
         }

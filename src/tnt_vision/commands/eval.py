@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         )
     data = SampleSet(subset(splits.val, args.val_limit), eval_transform(loaded.model))
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping)
-    res = evaluate(loaded.model, loader, device=torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = evaluate(loaded.model.to(device), loader, device=device)
     res.update(model=args.model, checkpoint=str(args.checkpoint), data=args.data, weights=loaded.source)
     if args.json:
         print(json.dumps(res))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..config import FIELDS, make_config
 
@@ -47,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     if "scale" in overrides:
         overrides["scale"] = tuple(overrides["scale"])
     summary = train(make_config(args.recipe, **overrides))
-    if summary.get("top1") is not None:
+    if summary.get("top1") is not None and os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
     return 0
