@@ -169,7 +169,7 @@ class Run:
         random.seed(cfg.seed)
         self.state = RunState()
 
-        self.splits = datasets.build_splits(cfg.data, download=cfg.download and self.dist.main)
+        self.splits = self._open_data()
         self.classes = self.splits.classes
         num_classes = cfg.num_classes or len(self.classes)
         if num_classes != len(self.classes):
@@ -181,6 +181,16 @@ class Run:
         self.resumed_from = self._maybe_resume()
 
     # -- assembly
+    def _open_data(self) -> datasets.DataSplits:
+        """Rank 0 downloads (when asked) while the others wait, then every rank opens the files."""
+        wait = self.cfg.download and self.dist.world > 1
+        if wait and not self.dist.main:
+            dist.barrier()
+        splits = datasets.build_splits(self.cfg.data, download=self.cfg.download and self.dist.main)
+        if wait and self.dist.main:
+            dist.barrier()
+        return splits
+
     def _build_model(self, num_classes: int) -> nn.Module:
         overrides: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": self.cfg.drop_path}
         if self.cfg.img_size:

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.data import Mixup, create_transform, resolve_data_config
+from PIL import Image, ImageOps
+from timm.data import Mixup, auto_augment, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, kept working on Pillow >= 13.
+
+    RandAugment's `PosterizeIncreasing` keeps 0 bits at magnitude 10 (reached with `mstd0.5` noise around m9);
+    older Pillow turned that into a black image, Pillow 13 raises ValueError. Keep the old result.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name, _op in list(auto_augment.NAME_TO_OP.items()):
+    if _op is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def train_transform(cfg: Any, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
