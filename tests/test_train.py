@@ -384,3 +384,16 @@ def test_randaugment_posterize_to_zero_bits_gives_black_image() -> None:
     out = NAME_TO_OP["PosterizeIncreasing"](img, 0)  # what magnitude 10 asks for
     assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
     assert NAME_TO_OP["PosterizeIncreasing"](img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
+def test_accumulation_and_checkpointing_match_one_big_batch(tmp_path: Path) -> None:
+    """2 micro-batches of 4 with activation recomputation == 1 batch of 8: same updates, same weights."""
+    plain = {"drop_path": 0, "mixup": 0, "cutmix": 0, "epochs": 1, "threads": 1}
+    train_mod.train(tiny_config(**plain, output=str(tmp_path / "big"), batch_size=8))
+    train_mod.train(
+        tiny_config(**plain, output=str(tmp_path / "acc"), batch_size=4, accum_steps=2, grad_checkpointing=True)
+    )
+    a, b = weights(tmp_path / "big" / "last.pt"), weights(tmp_path / "acc" / "last.pt")
+    assert torch.load(tmp_path / "acc" / "last.pt", weights_only=True)["step"] == 6
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
