@@ -479,7 +479,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
 
 
 def _adapted(report: dict[str, Any]) -> str:
-    parts = [*report["resized"], *(f"new {k}" for k in report["skipped"][:1] and ["head"])]
+    parts = [*report["resized"], *(["new classifier"] if report["skipped"] else [])]
     return f"; {', '.join(parts)}" if parts else ""
 
 
