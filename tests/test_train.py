@@ -42,6 +42,7 @@ TINY = {
     "ema_decay": 0.9,
     "drop_path": 0.1,
     "amp": "none",
+    "threads": 1,
 }
 
 
@@ -181,7 +182,7 @@ def test_ddp_gradients_equal_single_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_train_matches_single_process(tmp_path: Path) -> None:
     """The same `tnt train` under torchrun (2 x 4 images) ends where one process (1 x 8) does, rank 0 saving."""
-    common = tiny_args(tmp_path / "x", epochs=1, drop_path=0, mixup=0, cutmix=0, warmup_epochs=0, threads=1)[3:]
+    common = tiny_args(tmp_path / "x", epochs=1, drop_path=0, mixup=0, cutmix=0, warmup_epochs=0)[3:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = subprocess.run(
         [*launcher, "-m", "tnt_vision", "train", "--output", str(tmp_path / "two"), *common, "--batch-size", "4"],
@@ -388,7 +389,7 @@ def test_randaugment_posterize_to_zero_bits_gives_black_image() -> None:
 
 def test_accumulation_and_checkpointing_match_one_big_batch(tmp_path: Path) -> None:
     """2 micro-batches of 4 with activation recomputation == 1 batch of 8: same updates, same weights."""
-    plain = {"drop_path": 0, "mixup": 0, "cutmix": 0, "epochs": 1, "threads": 1}
+    plain = {"drop_path": 0, "mixup": 0, "cutmix": 0, "epochs": 1}
     train_mod.train(tiny_config(**plain, output=str(tmp_path / "big"), batch_size=8))
     train_mod.train(
         tiny_config(**plain, output=str(tmp_path / "acc"), batch_size=4, accum_steps=2, grad_checkpointing=True)
