@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Train a small TNT on the built-in digits (no download), evaluate it, and classify four test digits.
 demo: $(STAMP)
-	$(BIN)/tnt models
+	$(BIN)/tnt train -c recipes/digits.yaml --output runs/demo
+	$(BIN)/tnt eval --model tnt_digits --checkpoint runs/demo/best.pt --data digits
+	$(BIN)/python -m tnt_vision.data.digits_png runs/demo/samples 4
+	$(BIN)/tnt predict --model tnt_digits --checkpoint runs/demo/best.pt runs/demo/samples/*.png
 
 test: $(STAMP)
 	$(BIN)/ruff check .

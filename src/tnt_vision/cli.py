@@ -10,11 +10,18 @@ from collections.abc import Sequence
 from .errors import UserError
 
 # One module per verb; each has `register(subparsers)` that adds its parser and sets `func(args) -> int`.
-VERBS = ("models", "convert", "viz")
+VERBS = ("models", "convert", "train", "eval", "predict", "viz")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (a bad flag, a missing argument) as one line with exit status 2, like `UserError`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tnt", description="Transformer in Transformer: models, training, tools.")
+    parser = _Parser(prog="tnt", description="Transformer in Transformer: models, training, tools.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         importlib.import_module(f"tnt_vision.commands.{verb.replace('-', '_')}").register(sub)

@@ -180,3 +180,28 @@ for _spec in (
     ),
 ):
     register(_spec)
+
+# Presets for the built-in `digits` data (8x8 digits upscaled to 32x32): a 4x4 grid of sentences, each of
+# 2x2 original pixels, and (TNT) 2x2 words per sentence, one word per original pixel. crop_pct 1.0: a centre
+# crop would cut the digits' strokes at the border. The DeiT is the TNT's FLOP-matched baseline (4.6M vs 4.8M).
+_DIGITS: dict[str, Any] = {"img_size": 32, "patch_size": 8, "num_classes": 10, "depth": 4}
+register(
+    ModelSpec(
+        "tnt_digits",
+        TNTConfig(**_DIGITS, outer_dim=64, outer_heads=2, inner_dim=16, inner_heads=2, inner_stride=4),
+        0.24,
+        0.0048,
+        "small TNT for 32x32 inputs (the `digits` demo)",
+        crop_pct=1.0,
+    )
+)
+register(
+    ModelSpec(
+        "deit_digits",
+        TNTConfig(**_DIGITS, outer_dim=72, outer_heads=2, tnt_blocks=(), qkv_bias=True, norm_eps=1e-6),
+        0.27,
+        0.0046,
+        "DeiT baseline with the FLOPs of tnt_digits",
+        crop_pct=1.0,
+    )
+)
