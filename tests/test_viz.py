@@ -71,8 +71,9 @@ def test_capture_shapes_rows_and_logits(name: str) -> None:
             logits = model(x)
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
 
-    B, N, m = 2, 9, cfg.num_words
-    assert rec.grid == (3, 3)
+    side = 48 // cfg.patch_size  # the digits presets have 8x8 patches
+    B, N, m = 2, side * side, cfg.num_words
+    assert rec.grid == (side, side)
     assert len(rec.outer_attn) == len(rec.inner_attn) == len(rec.patch_tokens) == len(rec.word_tokens) == cfg.depth
     for i, block in enumerate(model.blocks):
         assert rec.outer_attn[i].shape == (B, cfg.outer_heads, N + 1, N + 1)
