@@ -81,7 +81,8 @@ def test_params_and_flops_match_the_paper(name: str) -> None:
     params, flops = count_params(model) / 1e6, count_flops(model) / 1e9
     if spec.paper_params_m is not None:
         assert _close_to_paper(params, spec.paper_params_m), (params, spec.paper_params_m)
-    assert _close_to_paper(flops, spec.paper_flops_g), (flops, spec.paper_flops_g)
+    if spec.paper_flops_g is not None:
+        assert _close_to_paper(flops, spec.paper_flops_g), (flops, spec.paper_flops_g)
 
 
 def test_eq17_block_flops_for_tnt_s() -> None:

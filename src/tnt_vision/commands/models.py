@@ -36,14 +36,22 @@ def model_table(pattern: str = "*", img_size: int | None = None) -> list[dict]:
     return rows
 
 
+def _count(value: float | None, unit: str) -> str:
+    """Giga-units with two decimals; mega-units for the small presets; '-' where the paper has no figure."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}{unit}" if value >= 0.1 else f"{value * 1e3:.2f}{'M' if unit == 'G' else 'K'}"
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'model':26} {'params':>8} {'paper':>6} {'FLOPs':>7} {'Eq.17':>7} {'paper':>6}  what"
     lines = [head, "-" * len(head)]
     for r in rows:
         paper_p = f"{r['paper_params_m']:.1f}M" if r["paper_params_m"] else "-"
+        paper_f = f"{r['paper_flops_g']:.1f}G" if r["paper_flops_g"] else "-"
         lines.append(
-            f"{r['name']:26} {r['params_m']:7.2f}M {paper_p:>6} {r['flops_g']:6.2f}G {r['eq17_flops_g']:6.2f}G "
-            f"{r['paper_flops_g']:5.1f}G  {r['what']}"
+            f"{r['name']:26} {_count(r['params_m'], 'M'):>8} {paper_p:>6} {_count(r['flops_g'], 'G'):>7} "
+            f"{_count(r['eq17_flops_g'], 'G'):>7} {paper_f:>6}  {r['what']}"
         )
     lines.append("FLOPs = multiply-adds of one image, counted with torch.utils.flop_counter (attention included);")
     lines.append("Eq.17 = the paper's formula for the transformer blocks only (Eq. 14 for plain blocks).")

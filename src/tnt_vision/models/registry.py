@@ -30,7 +30,7 @@ class ModelSpec:
     name: str
     config: TNTConfig
     paper_params_m: float | None
-    paper_flops_g: float
+    paper_flops_g: float | None
     description: str
     mean: tuple[float, float, float] = TNT_MEAN
     std: tuple[float, float, float] = TNT_STD
@@ -189,8 +189,8 @@ register(
     ModelSpec(
         "tnt_digits",
         TNTConfig(**_DIGITS, outer_dim=64, outer_heads=2, inner_dim=16, inner_heads=2, inner_stride=4),
-        0.24,
-        0.0048,
+        None,
+        None,
         "small TNT for 32x32 inputs (the `digits` demo)",
         crop_pct=1.0,
     )
@@ -199,8 +199,8 @@ register(
     ModelSpec(
         "deit_digits",
         TNTConfig(**_DIGITS, outer_dim=72, outer_heads=2, tnt_blocks=(), qkv_bias=True, norm_eps=1e-6),
-        0.27,
-        0.0046,
+        None,
+        None,
         "DeiT baseline with the FLOPs of tnt_digits",
         crop_pct=1.0,
     )
