@@ -1,0 +1,359 @@
+"""Throughput, latency and peak memory of a model against contenders (timm, onnxruntime), measured fairly.
+
+Fair here means: every contender gets the same warm-up, inputs rotate between calls (no input stays hot in
+cache), contenders are interleaved round by round in one process (so background load hits them alike), the
+median of the rounds is reported, and the thread count is fixed and stated. Peak memory is the peak resident
+set of a fresh process that runs only that contender (CPU), or the CUDA allocator's peak (GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .errors import UserError
+from .models import create_model, get_spec
+from .models.tnt import TNTConfig
+
+Step = Callable[[torch.Tensor], object]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What is measured: one model and its contenders under one setting.
+
+    Attributes:
+        model: registered name of this project's model (the first contender).
+        against: other contenders: "timm" (timm's implementation of the same architecture), "timm:NAME"
+            (any timm model, e.g. timm:deit_small_patch16_224), "onnxruntime" (this model exported to ONNX),
+            or another registered name.
+        train: time a training step (forward, cross-entropy, backward, AdamW) instead of inference.
+        latency: also time batch-1 inference (ignored with train).
+        memory: also measure each contender's peak memory in a fresh process.
+    """
+
+    model: str
+    against: tuple[str, ...] = ()
+    batch: int = 32
+    img_size: int = 224
+    dtype: str = "fp32"
+    train: bool = False
+    runs: int = 5
+    warmup: int = 2
+    rotate: int = 3
+    threads: int = 0
+    device: str = "cpu"
+    latency: bool = True
+    memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "bf16"):
+            raise UserError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.runs < 1 or self.batch < 1 or self.warmup < 0 or self.rotate < 1:
+            raise UserError("--runs and --batch must be >= 1, --warmup >= 0")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda requested but no CUDA device is available")
+
+    @property
+    def contenders(self) -> tuple[str, ...]:
+        return (self.model, *self.against)
+
+
+# ---- contenders ------------------------------------------------------------------------------------------------
+def timm_equivalent(cfg: TNTConfig) -> nn.Module:
+    """timm's implementation of a TNT (or DeiT) configuration, randomly initialised."""
+    from timm.models import tnt as timm_tnt
+    from timm.models.vision_transformer import VisionTransformer
+
+    common = {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "num_classes": cfg.num_classes}
+    common |= {"depth": cfg.depth, "mlp_ratio": cfg.mlp_ratio, "qkv_bias": cfg.qkv_bias}
+    if cfg.tnt_blocks == ():
+        return VisionTransformer(embed_dim=cfg.outer_dim, num_heads=cfg.outer_heads, **common)
+    if cfg.tnt_blocks is not None or cfg.se_ratio > 0:
+        raise UserError("timm has no equivalent of hybrid (tnt_blocks) or SE variants; pick another contender")
+    return timm_tnt.TNT(
+        embed_dim=cfg.outer_dim,
+        inner_dim=cfg.inner_dim,
+        num_heads_outer=cfg.outer_heads,
+        num_heads_inner=cfg.inner_heads,
+        first_stride=cfg.inner_stride,
+        legacy=cfg.legacy,
+        **common,
+    )
+
+
+def build_module(name: str, model: str, img_size: int) -> nn.Module:
+    """The nn.Module behind a contender name (see `BenchConfig.against`)."""
+    if name == "timm":
+        return timm_equivalent(get_spec(model).config.replace(img_size=img_size))
+    if name.startswith("timm:"):
+        import timm
+
+        try:
+            return timm.create_model(name[5:], img_size=img_size)
+        except RuntimeError as e:
+            raise UserError(f"unknown timm model {name[5:]!r}: {e}") from None
+    try:
+        return create_model(name, img_size=img_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def autocast(cfg: BenchConfig) -> Any:
+    return torch.autocast(cfg.device, torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
+
+
+def inference_step(module: nn.Module, cfg: BenchConfig) -> Step:
+    module.eval().to(cfg.device)
+
+    def step(x: torch.Tensor) -> object:
+        with torch.inference_mode(), autocast(cfg):
+            return module(x)
+
+    return step
+
+
+def train_step(module: nn.Module, cfg: BenchConfig) -> Step:
+    module.train().to(cfg.device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    num_classes = module.num_classes
+
+    def step(x: torch.Tensor) -> object:
+        target = torch.randint(num_classes, (x.shape[0],), device=x.device)
+        with autocast(cfg):
+            loss = nn.functional.cross_entropy(module(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def onnxruntime_step(model: str, cfg: BenchConfig, workdir: Path) -> Step:
+    """Export `model` to ONNX (dynamic batch) and run it with onnxruntime on the CPU."""
+    if cfg.train or cfg.dtype != "fp32" or cfg.device != "cpu":
+        raise UserError("the onnxruntime contender measures fp32 CPU inference only (drop --train/--dtype/--device)")
+    import onnxruntime as ort
+
+    from .export import export_onnx
+
+    path = export_onnx(create_model(model, img_size=cfg.img_size).eval(), workdir / f"{model}.onnx", cfg.img_size)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def step(x: torch.Tensor) -> object:
+        return session.run(None, {input_name: x.numpy()})
+
+    return step
+
+
+def build_step(name: str, cfg: BenchConfig, workdir: Path) -> Step:
+    if name == "onnxruntime":
+        return onnxruntime_step(cfg.model, cfg, workdir)
+    module = build_module(name, cfg.model, cfg.img_size)
+    return train_step(module, cfg) if cfg.train else inference_step(module, cfg)
+
+
+# ---- timing ----------------------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(step: Step, x: torch.Tensor, device: str) -> float:
+    """Seconds of one call: CUDA events on a GPU, a monotonic clock on the CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(x)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    step(x)
+    return time.perf_counter() - t0
+
+
+def make_inputs(cfg: BenchConfig, batch: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=gen).to(cfg.device) for _ in range(cfg.rotate)]
+
+
+def interleaved_times(steps: dict[str, Step], inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, list]:
+    """Per-contender call times: warm-up, then rounds in which every contender runs once (order rotated)."""
+    names = list(steps)
+    for name in names:
+        for i in range(cfg.warmup):
+            steps[name](inputs[i % len(inputs)])
+        synchronize(cfg.device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in tqdm(range(cfg.runs), desc=f"timing batch {inputs[0].shape[0]}", leave=False):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            times[name].append(time_call(steps[name], inputs[r % len(inputs)], cfg.device))
+    return times
+
+
+# ---- memory ----------------------------------------------------------------------------------------------------
+def peak_memory_mib(name: str, cfg: BenchConfig) -> float:
+    """Peak memory of running one contender: resident set of a fresh process (CPU), allocator peak (CUDA)."""
+    probe = asdict(cfg) | {"against": list(cfg.against), "runs": 2, "warmup": 1, "memory": False, "latency": False}
+    cmd = [sys.executable, "-m", "tnt_vision.bench", "--probe", name, json.dumps(probe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"memory probe for {name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
+def _probe(name: str, cfg: BenchConfig) -> dict[str, float]:
+    """Run one contender (warm-up plus a few calls) in this process and report its peak memory."""
+    set_threads(cfg.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = build_step(name, cfg, Path(tmp))
+        inputs = make_inputs(cfg, cfg.batch)
+        for i in range(cfg.warmup + cfg.runs):
+            step(inputs[i % len(inputs)])
+    if cfg.device == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_mib": resident_peak_mib()}
+
+
+def resident_peak_mib() -> float:
+    """This process's peak resident set.
+
+    Linux's VmHWM belongs to the current program image; ru_maxrss would carry the parent's peak across the
+    fork + exec of the probe, which is why it is only the fallback (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def baseline_memory_mib() -> float:
+    """Peak resident set of a fresh process that imports torch, timm and this package and runs nothing."""
+    code = "import timm, tnt_vision.bench as b; print(b.resident_peak_mib())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+# ---- the whole measurement -------------------------------------------------------------------------------------
+def set_threads(threads: int) -> int:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    info = {
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every contender; returns machine info, the settings and one result row per contender."""
+    set_threads(cfg.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = {name: build_step(name, cfg, Path(tmp)) for name in cfg.contenders}
+        times = interleaved_times(steps, make_inputs(cfg, cfg.batch), cfg)
+        latency = None
+        if cfg.latency and not cfg.train:
+            latency = interleaved_times(steps, make_inputs(cfg, 1), cfg)
+    rows = []
+    for name in cfg.contenders:
+        med = statistics.median(times[name])
+        rows.append(
+            {
+                "contender": name,
+                "images_per_s": cfg.batch / med,
+                "step_ms": med * 1e3,
+                "step_ms_all": [t * 1e3 for t in times[name]],
+                "latency_ms": statistics.median(latency[name]) * 1e3 if latency else None,
+                "peak_mib": peak_memory_mib(name, cfg) if cfg.memory else None,
+            }
+        )
+    base = rows[0]
+    for row in rows:
+        row["speed_ratio"] = row["images_per_s"] / base["images_per_s"]
+        row["latency_ratio"] = row["latency_ms"] / base["latency_ms"] if latency else None
+        row["memory_ratio"] = row["peak_mib"] / base["peak_mib"] if cfg.memory else None
+    info = machine() | ({"import_baseline_mib": baseline_memory_mib()} if cfg.memory and cfg.device == "cpu" else {})
+    return {"machine": info, "config": asdict(cfg), "results": rows}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The side-by-side table: ratios are each contender relative to the first (this project's model)."""
+    m, c = report["machine"], report["config"]
+    mode = "training step (fwd+bwd+AdamW)" if c["train"] else "inference"
+    lines = [
+        f"{c['model']}: {mode}, {c['dtype']}, batch {c['batch']}, {c['img_size']}px, device {c['device']}",
+        f"machine: {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}; "
+        f"median of {c['runs']} interleaved runs after {c['warmup']} warm-up",
+    ]
+    if "import_baseline_mib" in m:
+        lines.append(
+            f"peak memory: whole process; importing torch + timm alone takes {m['import_baseline_mib']:.0f} MiB"
+        )
+    header = (
+        f"{'contender':<34} {'images/s':>9} {'x ours':>7} {'step ms':>9} {'b1 ms':>8} {'peak MiB':>9} {'x ours':>7}"
+    )
+    lines += [header, "-" * len(header)]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for r in report["results"]:
+        name = "tnt-vision " + r["contender"] if r["contender"] == c["model"] else r["contender"]
+        lines.append(
+            f"{name:<34} {r['images_per_s']:>9.2f} {r['speed_ratio']:>7.2f} {r['step_ms']:>9.1f} "
+            f"{fmt(r['latency_ms'], '>8.1f'):>8} {fmt(r['peak_mib'], '>9.0f'):>9} {fmt(r['memory_ratio'], '>7.2f'):>7}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # `python -m tnt_vision.bench --probe NAME CONFIG_JSON`: the fresh process of `peak_memory_mib`
+    if len(sys.argv) != 4 or sys.argv[1] != "--probe":
+        sys.exit("usage: python -m tnt_vision.bench --probe CONTENDER CONFIG_JSON (internal; use `tnt bench`)")
+    raw = json.loads(sys.argv[3])
+    print(json.dumps(_probe(sys.argv[2], BenchConfig(**(raw | {"against": tuple(raw["against"])})))))

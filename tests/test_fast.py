@@ -1,0 +1,125 @@
+"""The fused (default) attention path against the explicit reference path, and the bench command.
+
+The fused path (`scaled_dot_product_attention`) is what `create_model(...)` runs; the explicit path
+(`fused_attention(False)`: softmax weights from `Attention.attention_map`, then a matmul) is the reference that
+FLOP counters and attention visualisation rely on. Parity with timm is in test_models.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tnt_vision.bench import BenchConfig, baseline_memory_mib, peak_memory_mib, timm_equivalent
+from tnt_vision.cli import main
+from tnt_vision.models import create_model
+from tnt_vision.models.layers import Attention, fused_attention
+
+TINY = {"depth": 2, "img_size": 32, "num_classes": 10}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def forward_backward(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    return out.float().detach(), [p.grad.float() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("tnt_s_patch16_224", {}), ("tnt_s_legacy_patch16_224", {}), ("tnt_s_se_patch16_224", {"tnt_blocks": (1,)})],
+    ids=["tnt_s", "legacy", "hybrid_se"],
+)
+def test_fused_path_matches_explicit_path(name: str, overrides: dict, dtype: torch.dtype) -> None:
+    model = create_model(name, **TINY, **overrides).train()
+    x = torch.randn(2, 3, 32, 32)
+    fused, fused_grads = forward_backward(model, x, dtype)
+    with fused_attention(False):
+        plain, plain_grads = forward_backward(model, x, dtype)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(fused, plain, atol=tol, rtol=0)
+    for name_, g_fused, g_plain in zip((n for n, _ in model.named_parameters()), fused_grads, plain_grads, strict=True):
+        scale = g_plain.abs().max().clamp_min(1e-12)
+        assert (g_fused - g_plain).abs().max() <= tol * scale, name_
+
+
+def test_bf16_autocast_stays_close_to_fp32_reference() -> None:
+    model = create_model("tnt_s_patch16_224", **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        with fused_attention(False):
+            reference = model(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            fast = model(x).float()
+    assert (fast - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_explicit_path_computes_every_attention_through_attention_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention-visualisation contract: inner and outer weights come from `attention_map` and are used."""
+    model = create_model("tnt_s_patch16_224", **TINY).eval()
+    seen: list[tuple[int, ...]] = []
+    original = Attention.attention_map
+
+    def recording(self: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        weights = original(self, q, k)
+        seen.append(tuple(weights.shape))
+        return torch.zeros_like(weights)  # zero weights must change the output if they are really used
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), fused_attention(False):
+        reference = model(x)
+        monkeypatch.setattr(Attention, "attention_map", recording)
+        zeroed = model(x)
+    words, sentences = model.cfg.num_words, 1 + (32 // 16) ** 2
+    inner = (2 * 4, model.cfg.inner_heads, words, words)
+    outer = (2, model.cfg.outer_heads, sentences, sentences)
+    assert seen == [inner, outer] * TINY["depth"]
+    assert not torch.allclose(reference, zeroed)
+
+
+def test_default_path_does_not_call_attention_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model("tnt_ti_patch16_224", **TINY).eval()
+    monkeypatch.setattr(Attention, "attention_map", lambda *a: pytest.fail("fused path used attention_map"))
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_timm_equivalent_has_our_architecture() -> None:
+    cfg = create_model("tnt_ti_patch16_224", **TINY).cfg
+    ours = sum(p.numel() for p in create_model("tnt_ti_patch16_224", **TINY).parameters())
+    assert sum(p.numel() for p in timm_equivalent(cfg).parameters()) == ours
+
+
+def test_bench_command_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "tnt_ti_patch16_224", "--img-size", "32", "--batch", "2", "--runs", "2"]
+    args += ["--warmup", "0", "--against", "timm", "--no-memory", "--json", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert [r["contender"] for r in report["results"]] == ["tnt_ti_patch16_224", "timm"]
+    first = report["results"][0]
+    assert first["images_per_s"] > 0
+    assert len(first["step_ms_all"]) == 2
+    assert first["latency_ms"] > 0
+    assert report["machine"]["threads"] >= 1
+    assert report["machine"]["torch"] == torch.__version__
+    assert "images/s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_training_step_and_fresh_process_memory() -> None:
+    cfg = BenchConfig(model="tnt_ti_patch16_224", batch=2, img_size=32, train=True, runs=1, warmup=0)
+    # parameters, gradients and AdamW's two moments: at least 4 fp32 copies of the weights above the imports
+    weights_mib = 4 * 4 * sum(p.numel() for p in create_model("tnt_ti_patch16_224").parameters()) / 2**20
+    assert peak_memory_mib("tnt_ti_patch16_224", cfg) - baseline_memory_mib() > weights_mib
+
+
+def test_bench_rejects_what_onnxruntime_cannot_measure(capsys: pytest.CaptureFixture) -> None:
+    args = ["bench", "--model", "tnt_ti_patch16_224", "--img-size", "32", "--batch", "2", "--train"]
+    assert main([*args, "--against", "onnxruntime", "--no-memory"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
