@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .errors import UserError
 
 # One module per verb; each has `register(subparsers)` that adds its parser and sets `func(args) -> int`.
-VERBS = ("models", "convert")
+VERBS = ("models", "convert", "detect", "segment")
 
 
 def build_parser() -> argparse.ArgumentParser:
