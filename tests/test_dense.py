@@ -22,18 +22,25 @@ from tnt_vision.dense import (
     confusion_matrix,
     fasterrcnn_tnt,
     iou_scores,
-    make_synthetic_coco,
     maskrcnn_tnt,
     read_coco,
     retinanet_tnt,
 )
-from tnt_vision.dense.data import detection_collate
 from tnt_vision.dense.engine import coco_map
 from tnt_vision.models.checkpoint import save_safetensors
 
 TINY = {"depth": 2, "img_size": 32}  # tiny trunks: two blocks, position encoding stored for a 2x2 grid
 PYRAMID = {"out_indices": (0, 0, 1, 1), **TINY}
-DETECTOR = {"min_size": 64, "max_size": 96, "anchor_sizes": (8, 16, 32, 64, 128)}
+# Small images hold few objects: 50 proposals instead of 1000 keep the box head (most of the time) cheap.
+DETECTOR = {
+    "min_size": 64,
+    "max_size": 96,
+    "anchor_sizes": (8, 16, 32, 64, 128),
+    **dict.fromkeys(("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test"), 100),
+    **dict.fromkeys(("rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test"), 50),
+    "box_batch_size_per_image": 64,
+    "fpn_channels": 64,
+}
 
 
 def _pyramid(name: str = "tnt_ti_patch16_224", **kw: object) -> TNTFeaturePyramid:
@@ -83,7 +90,8 @@ def test_single_scale_is_pooled_last_block() -> None:
     with torch.no_grad():
         out = model(x)
         (last,) = model.trunk.forward_intermediates(x, [1], norm=True, intermediates_only=True)
-    assert out.shape == (2, 192, 2, 3) and model.stride == 32
+    assert out.shape == (2, 192, 2, 3)
+    assert model.stride == 32
     torch.testing.assert_close(out, F.avg_pool2d(last, 2))
 
 
@@ -106,7 +114,8 @@ def test_frozen_stages_and_checkpointing() -> None:
     assert any(n.startswith("trunk.word_embed") for n in frozen)
     assert any(n.startswith("trunk.blocks.0.") for n in frozen)
     assert not any(n.startswith(("trunk.blocks.1.", "necks.")) for n in frozen)
-    assert not model.trunk.blocks[0].training and model.trunk.blocks[1].training
+    assert not model.trunk.blocks[0].training
+    assert model.trunk.blocks[1].training
 
     plain, ckpt = _pyramid().train(), _pyramid(grad_checkpointing=True).train()
     ckpt.load_state_dict(plain.state_dict())
@@ -126,13 +135,17 @@ def test_fasterrcnn_losses_reach_backbone_and_detects() -> None:
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grad = model.backbone.body.trunk.word_embed.proj.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
+    assert grad is not None
+    assert grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         out = model([torch.rand(3, 48, 80)])
-    assert set(out[0]) == {"boxes", "labels", "scores"} and len(out[0]["boxes"]) > 0
+    assert set(out[0]) == {"boxes", "labels", "scores"}
+    assert len(out[0]["boxes"]) > 0
     boxes = out[0]["boxes"]
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 80).all() and (boxes[:, 3] <= 48).all()
+    assert (boxes[:, 0] >= 0).all()
+    assert (boxes[:, 2] <= 80).all()
+    assert (boxes[:, 3] <= 48).all()
 
 
 def test_empty_targets_train() -> None:
@@ -148,7 +161,8 @@ def test_empty_targets_train() -> None:
 def test_maskrcnn_and_retinanet_wiring(builder: object) -> None:
     model = builder("tnt_ti_patch16_224", num_classes=3, backbone_kwargs=PYRAMID, **DETECTOR)
     losses = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], _targets(masks=True))
-    assert len(losses) >= 2 and all(torch.isfinite(v) for v in losses.values())
+    assert len(losses) >= 2
+    assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.backbone.body.trunk.blocks[0].outer.attn.qkv.weight.grad.abs().sum() > 0
     model.eval()
@@ -206,10 +220,13 @@ def synthetic(fake_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_synthetic_set_boxes_match_masks(synthetic: Path) -> None:
     data = CocoData(synthetic / "train", masks=True)
-    assert data.class_names == ["background", "cat", "dog", "ship"] and len(data) == 6
+    assert data.class_names == ["background", "cat", "dog", "ship"]
+    assert len(data) == 6
     n_objects = 0
     for image, target in data:
-        assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+        assert image.shape == (3, 64, 64)
+        assert image.min() >= 0
+        assert image.max() <= 1
         for box, mask in zip(target["boxes"], target["masks"], strict=True):
             ys, xs = torch.nonzero(mask, as_tuple=True)
             assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
@@ -270,10 +287,13 @@ def test_cli_reports_malformed_annotations(tmp_path: Path, capsys: pytest.Captur
     path = _bad_annotations(tmp_path, lambda d: d["annotations"][1].update(bbox="wide"))
     code = main(["detect", "eval", "--checkpoint", str(tmp_path / "none.pt"), "--val", str(path)])
     err = capsys.readouterr().err
-    assert code == 2 and "checkpoint not found" in err  # the checkpoint is checked first
+    assert code == 2
+    assert "checkpoint not found" in err
     code = main(["segment", "train", "--train", str(path), "--val", str(path), "--model", "tnt_ti_patch16_224"])
     err = capsys.readouterr().err
-    assert code == 2 and "annotations[1]: 'bbox'" in err and "Traceback" not in err
+    assert code == 2
+    assert "annotations[1]: 'bbox'" in err
+    assert "Traceback" not in err
 
 
 # ---- end to end through the CLI --------------------------------------------------------------------------------
@@ -285,18 +305,21 @@ _TINY_CLI = ["--model", "tnt_ti_patch16_224", "--override", "depth=2", "--overri
 def test_detect_cli_train_eval_predict(synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "det"
     data = ["--train", str(synthetic / "train"), "--val", str(synthetic / "val")]
-    sizes = ["--min-size", "64", "--max-size", "64", "--anchor-sizes", "8,16,32,64,128"]
+    sizes = ["--min-size", "64", "--max-size", "64", "--anchor-sizes", "8,16,32,64,128", "--rpn-proposals", "50",
+             "--fpn-channels", "32"]  # fmt: skip
     assert main(["detect", "train", *data, *_TINY_CLI, *sizes, "--eval-untrained", "--out", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"untrained", "trained", "epochs"} <= set(metrics)
-    assert np.isfinite(metrics["epochs"][0]["loss"]) and 0 <= metrics["trained"]["AP"] <= 1
+    assert np.isfinite(metrics["epochs"][0]["loss"])
+    assert 0 <= metrics["trained"]["AP"] <= 1
     assert main(["detect", "eval", "--checkpoint", str(run / "model.pt"), "--val", str(synthetic / "val")]) == 0
     image = synthetic / "val" / "images" / "000001.png"
     out = tmp_path / "pred"
     args = ["--checkpoint", str(run / "model.pt"), "--out", str(out), "--score-threshold", "0"]
     assert main(["detect", "predict", str(image), *args]) == 0
     drawn = Image.open(out / "000001_boxes.png")
-    assert drawn.size == (64, 64) and drawn.mode == "RGB"
+    assert drawn.size == (64, 64)
+    assert drawn.mode == "RGB"
     assert main(["segment", "eval", "--checkpoint", str(run / "model.pt"), "--val", str(synthetic / "val")]) == 2
     assert "not a segmentation model" in capsys.readouterr().err
 
@@ -312,4 +335,6 @@ def test_segment_cli_train_eval_predict(synthetic: Path, tmp_path: Path) -> None
     image = synthetic / "val" / "images" / "000002.png"
     assert main(["segment", "predict", str(image), "--checkpoint", str(run / "model.pt"), "--out", str(tmp_path)]) == 0
     mask = Image.open(tmp_path / "000002_mask.png")
-    assert mask.mode == "P" and mask.size == (64, 64) and max(np.asarray(mask).ravel()) < 4
+    assert mask.mode == "P"
+    assert mask.size == (64, 64)
+    assert max(np.asarray(mask).ravel()) < 4

@@ -109,6 +109,11 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
+def resolved_config(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """The run's flags (without argparse's handler) and the model recipe, for `config.json`."""
+    return {k: v for k, v in vars(args).items() if not callable(v)} | {"meta": meta}
+
+
 def check_same_classes(train: list[str], val: list[str]) -> None:
     if train != val:
         raise UserError(f"training and validation sets have different categories: {train[1:]} vs {val[1:]}")

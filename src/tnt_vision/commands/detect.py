@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..dense.checkpoint import load_dense_model, save_dense_model
+from ..dense.checkpoint import build_dense_model, load_dense_model, save_dense_model
 from ..dense.data import CocoData, detection_collate, make_synthetic_coco, read_image
-from ..dense.detection import DEFAULT_ANCHOR_SIZES, draw_detections, fasterrcnn_tnt
+from ..dense.detection import DEFAULT_ANCHOR_SIZES, draw_detections
 from ..dense.engine import detection_losses, evaluate_detection, train_detection_epoch
 from ..io import atomic_write
 from . import _dense
@@ -64,6 +64,13 @@ def _add_detector_args(p: argparse.ArgumentParser) -> None:
         default=",".join(map(str, DEFAULT_ANCHOR_SIZES)),
         help="anchor side per FPN level (strides 4..64); scale with the image size",
     )
+    g.add_argument("--fpn-channels", type=int, default=256, help="width of the FPN, RPN and box head input")
+    g.add_argument(
+        "--rpn-proposals",
+        type=int,
+        default=1000,
+        help="proposals kept per image after NMS (before NMS: twice as many); fewer for small images",
+    )
 
 
 def make_data(args: argparse.Namespace) -> int:
@@ -107,22 +114,16 @@ def train(args: argparse.Namespace) -> int:
         "anchor_sizes": list(_dense.parse_ints(args.anchor_sizes, "--anchor-sizes")),
         "min_size": args.min_size,
         "max_size": args.max_size,
+        "rpn_proposals": args.rpn_proposals,
+        "fpn_channels": args.fpn_channels,
     }
-    model = fasterrcnn_tnt(
-        args.model,
-        num_classes=train_set.num_classes,
-        pretrained_backbone=args.pretrained_backbone,
-        anchor_sizes=meta["anchor_sizes"],
-        min_size=args.min_size,
-        max_size=args.max_size,
-        backbone_kwargs=kwargs,
-    ).to(device)
+    model = build_dense_model(meta, pretrained_backbone=args.pretrained_backbone, backbone_kwargs=kwargs).to(device)
     train_loader = _dense.loader(train_set, args.batch_size, detection_collate, shuffle=True, workers=args.workers)
     val_loader = _dense.loader(val_set, args.batch_size, detection_collate, shuffle=False, workers=args.workers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
-    _dense.write_json(out / "config.json", vars(args) | {"meta": meta})
+    _dense.write_json(out / "config.json", _dense.resolved_config(args, meta))
 
     def measure(tag: str) -> dict:
         torch.manual_seed(args.seed)  # the RPN / ROI samplers draw at random: same draws before and after

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..dense.checkpoint import load_dense_model, save_dense_model
+from ..dense.checkpoint import build_dense_model, load_dense_model, save_dense_model
 from ..dense.data import CocoData, read_image, segmentation_collate
 from ..dense.engine import evaluate_segmentation, train_segmentation_epoch
-from ..dense.segmentation import TNTSegmenter
 from ..io import atomic_write
 from . import _dense
 
@@ -74,19 +73,13 @@ def train(args: argparse.Namespace) -> int:
         "class_names": train_set.class_names,
         "head_channels": args.head_channels,
     }
-    model = TNTSegmenter(
-        args.model,
-        num_classes=train_set.num_classes,
-        pretrained_backbone=args.pretrained_backbone,
-        head_channels=args.head_channels,
-        **kwargs,
-    ).to(device)
+    model = build_dense_model(meta, pretrained_backbone=args.pretrained_backbone, backbone_kwargs=kwargs).to(device)
     train_loader = _dense.loader(train_set, args.batch_size, segmentation_collate, shuffle=True, workers=args.workers)
     val_loader = _dense.loader(val_set, args.batch_size, segmentation_collate, shuffle=False, workers=args.workers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
-    _dense.write_json(out / "config.json", vars(args) | {"meta": meta})
+    _dense.write_json(out / "config.json", _dense.resolved_config(args, meta))
 
     metrics: dict = {"epochs": []}
     if args.eval_untrained:

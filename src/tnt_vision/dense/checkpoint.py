@@ -18,22 +18,42 @@ from .detection import fasterrcnn_tnt
 from .segmentation import TNTSegmenter
 
 
-def build_dense_model(meta: dict[str, Any]) -> nn.Module:
-    """A fresh (untrained) model from a checkpoint's `meta`, without loading any backbone weights."""
-    backbone_kwargs = {"out_indices": tuple(meta["out_indices"]), **meta.get("overrides", {})}
+def build_dense_model(
+    meta: dict[str, Any],
+    *,
+    pretrained_backbone: bool | str | Path | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The model a checkpoint's `meta` describes, untrained unless `pretrained_backbone` is given.
+
+    Args:
+        backbone_kwargs: `TNTFeaturePyramid` arguments (frozen_stages, drop_path_rate, ...); by default the
+            ones in `meta` (out_indices and the TNT overrides).
+    """
+    if backbone_kwargs is None:
+        backbone_kwargs = {"out_indices": tuple(meta["out_indices"]), **meta.get("overrides", {})}
+    num_classes = len(meta["class_names"])
     if meta["task"] == "detection":
+        n = meta["rpn_proposals"]
         return fasterrcnn_tnt(
             meta["backbone"],
-            num_classes=len(meta["class_names"]),
+            num_classes=num_classes,
+            pretrained_backbone=pretrained_backbone,
             anchor_sizes=tuple(meta["anchor_sizes"]),
+            fpn_channels=meta["fpn_channels"],
+            backbone_kwargs=backbone_kwargs,
             min_size=meta["min_size"],
             max_size=meta["max_size"],
-            backbone_kwargs=backbone_kwargs,
+            rpn_pre_nms_top_n_train=2 * n,
+            rpn_pre_nms_top_n_test=2 * n,
+            rpn_post_nms_top_n_train=n,
+            rpn_post_nms_top_n_test=n,
         )
     if meta["task"] == "segmentation":
         return TNTSegmenter(
             meta["backbone"],
-            num_classes=len(meta["class_names"]),
+            num_classes=num_classes,
+            pretrained_backbone=pretrained_backbone,
             head_channels=meta["head_channels"],
             **backbone_kwargs,
         )

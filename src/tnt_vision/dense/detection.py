@@ -27,10 +27,13 @@ def _anchors(sizes: Sequence[int], scales_per_level: int = 1) -> AnchorGenerator
     return AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * len(per_level))
 
 
-def _common(backbone: str, pretrained_backbone: bool | str | Path | None, backbone_kwargs: dict[str, Any]) -> dict:
+def _common(
+    backbone: str, pretrained_backbone: bool | str | Path | None, fpn_channels: int, backbone_kwargs: dict[str, Any]
+) -> dict:
     spec = get_spec(backbone)
+    fpn = tnt_fpn_backbone(backbone, pretrained=pretrained_backbone, fpn_channels=fpn_channels, **backbone_kwargs)
     return {
-        "backbone": tnt_fpn_backbone(backbone, pretrained=pretrained_backbone, **backbone_kwargs),
+        "backbone": fpn,
         "image_mean": list(spec.mean),
         "image_std": list(spec.std),
     }
@@ -42,6 +45,7 @@ def fasterrcnn_tnt(
     pretrained_backbone: bool | str | Path | None = None,
     *,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
+    fpn_channels: int = 256,
     backbone_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> FasterRCNN:
@@ -52,10 +56,11 @@ def fasterrcnn_tnt(
         num_classes: object classes plus one for the background (torchvision's convention).
         pretrained_backbone: None, True (released ImageNet weights) or a classification checkpoint path.
         anchor_sizes: one anchor size per FPN level (strides 4, 8, 16, 32, 64); smaller for small images.
+        fpn_channels: width of the FPN, the RPN and the box head's input (torchvision: 256).
         backbone_kwargs: for `TNTFeaturePyramid` (out_indices, frozen_stages, drop_path_rate, depth, ...).
         **kwargs: for torchvision's `FasterRCNN` (min_size, max_size, box_score_thresh, ...).
     """
-    common = _common(backbone, pretrained_backbone, backbone_kwargs or {})
+    common = _common(backbone, pretrained_backbone, fpn_channels, backbone_kwargs or {})
     return FasterRCNN(num_classes=num_classes, rpn_anchor_generator=_anchors(anchor_sizes), **common, **kwargs)
 
 
@@ -65,11 +70,12 @@ def maskrcnn_tnt(
     pretrained_backbone: bool | str | Path | None = None,
     *,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
+    fpn_channels: int = 256,
     backbone_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> MaskRCNN:
     """Mask R-CNN + FPN with a TNT backbone; arguments as `fasterrcnn_tnt`."""
-    common = _common(backbone, pretrained_backbone, backbone_kwargs or {})
+    common = _common(backbone, pretrained_backbone, fpn_channels, backbone_kwargs or {})
     return MaskRCNN(num_classes=num_classes, rpn_anchor_generator=_anchors(anchor_sizes), **common, **kwargs)
 
 
@@ -79,11 +85,12 @@ def retinanet_tnt(
     pretrained_backbone: bool | str | Path | None = None,
     *,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
+    fpn_channels: int = 256,
     backbone_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> RetinaNet:
     """RetinaNet with a TNT + FPN backbone (three anchor scales per level); arguments as `fasterrcnn_tnt`."""
-    common = _common(backbone, pretrained_backbone, backbone_kwargs or {})
+    common = _common(backbone, pretrained_backbone, fpn_channels, backbone_kwargs or {})
     return RetinaNet(num_classes=num_classes, anchor_generator=_anchors(anchor_sizes, 3), **common, **kwargs)
 
 
