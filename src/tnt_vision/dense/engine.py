@@ -148,13 +148,13 @@ def train_segmentation_epoch(
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device) -> dict:
-    """Mean cross-entropy, mIoU, pixel accuracy and per-class IoU over a loader."""
+    """Cross-entropy per labelled pixel, mIoU, pixel accuracy and per-class IoU over a loader."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    total, steps = 0.0, 0
+    total = 0.0
     for images, masks in tqdm(loader, desc="evaluate", leave=False):
         logits = model(images.to(device))
-        total += segmentation_loss(logits, masks.to(device)).item()
-        steps += 1
+        total += segmentation_loss(logits, masks.to(device), reduction="sum").item()
         confusion += confusion_matrix(logits.argmax(1).cpu(), masks, num_classes)
-    return {"loss": total / max(steps, 1), **iou_scores(confusion)}
+    # a mean over pixels, not over batches, so the result does not depend on the batch size
+    return {"loss": total / max(int(confusion.sum()), 1), **iou_scores(confusion)}

@@ -91,9 +91,9 @@ class TNTSegmenter(nn.Module):
         return logits[..., :h, :w]
 
 
-def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Pixel cross-entropy, ignoring pixels labelled 255."""
-    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
