@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .errors import UserError
 
 # One module per verb; each has `register(subparsers)` that adds its parser and sets `func(args) -> int`.
-VERBS = ("models", "convert", "train", "eval", "predict", "viz", "bench", "export")
+VERBS = ("models", "convert", "train", "eval", "predict", "viz", "bench", "export", "detect", "segment")
 
 
 class _Parser(argparse.ArgumentParser):
