@@ -338,3 +338,21 @@ def test_segment_cli_train_eval_predict(synthetic: Path, tmp_path: Path) -> None
     assert mask.mode == "P"
     assert mask.size == (64, 64)
     assert max(np.asarray(mask).ravel()) < 4
+
+
+@pytest.mark.slow
+def test_short_training_beats_the_untrained_model(synthetic: Path, tmp_path: Path) -> None:
+    data = ["--train", str(synthetic / "train"), "--val", str(synthetic / "val")]
+    tiny = [*_TINY_CLI[: _TINY_CLI.index("--epochs")], "--epochs", "20", "--threads", "2", "--lr", "1e-3"]
+    seg = tmp_path / "seg"
+    assert main(["segment", "train", *data, *tiny, "--head-channels", "16", "--eval-untrained", "--out", str(seg)]) == 0
+    metrics = json.loads((seg / "metrics.json").read_text())
+    assert metrics["trained"]["loss"] < 0.6 * metrics["untrained"]["loss"]
+    assert metrics["trained"]["miou"] > metrics["untrained"]["miou"]
+    det = tmp_path / "det"
+    sizes = ["--min-size", "64", "--max-size", "64", "--anchor-sizes", "8,16,32,64,128", "--rpn-proposals", "50",
+             "--fpn-channels", "32"]  # fmt: skip
+    assert main(["detect", "train", *data, *tiny, *sizes, "--eval-untrained", "--out", str(det)]) == 0
+    metrics = json.loads((det / "metrics.json").read_text())
+    assert metrics["trained"]["val_loss"] < 0.5 * metrics["untrained"]["val_loss"]
+    assert metrics["trained"]["AP"] >= metrics["untrained"]["AP"]
