@@ -13,7 +13,12 @@ from torch import nn
 from .data import transforms
 from .data.datasets import UNREADABLE
 from .errors import UserError
-from .models import create_model, load_checkpoint
+from .models import create_model
+from .models.checkpoint import load_checkpoint_object, read_checkpoint_file
+
+
+def _is_plain_state_dict(obj: dict) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 @dataclass
@@ -23,18 +28,9 @@ class Loaded:
     source: str  # "ema" or "model": which weights of the file were loaded
 
 
-def checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """`class_names` and `model_config` of a checkpoint this project wrote; {} for other files."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return {}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # many types for a damaged file
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(obj, dict):
+def checkpoint_meta(obj: Any) -> dict[str, Any]:
+    """`class_names` and `model_config` of a checkpoint this project wrote (its loaded contents); {} for others."""
+    if not isinstance(obj, dict) or _is_plain_state_dict(obj):
         return {}
     meta = {k: obj[k] for k in ("class_names", "model_config", "arch") if k in obj}
     meta["has_ema"] = isinstance(obj.get("state_dict_ema"), dict)
@@ -49,7 +45,8 @@ def load_trained(
     Args:
         class_names: names to use when the checkpoint carries none (e.g. the data's folders).
     """
-    meta = checkpoint_meta(checkpoint)
+    obj = read_checkpoint_file(checkpoint)  # read once: metadata and weights
+    meta = checkpoint_meta(obj)
     names = meta.get("class_names") or class_names
     overrides = dict(meta.get("model_config") or {})
     if names and "num_classes" not in overrides:
@@ -58,7 +55,7 @@ def load_trained(
         model = create_model(model_name, **overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
-    load_checkpoint(model, checkpoint, use_ema=use_ema)
+    load_checkpoint_object(model, obj, use_ema=use_ema, source=str(checkpoint))
     if not names:
         names = imagenet_names() if model.num_classes == 1000 else [str(i) for i in range(model.num_classes)]
     return Loaded(model.eval(), list(names), "ema" if use_ema and meta.get("has_ema") else "model")

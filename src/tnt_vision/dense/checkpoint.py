@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_write
+from ..models.checkpoint import read_checkpoint_file
 from .detection import fasterrcnn_tnt
 from .segmentation import TNTSegmenter
 
@@ -67,13 +68,7 @@ def save_dense_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -
 
 def load_dense_model(path: str | Path, task: str) -> tuple[nn.Module, dict[str, Any]]:
     """A trained model and its meta from `save_dense_model`'s file; `task` is what the caller expects."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for a corrupt or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    obj = read_checkpoint_file(path)
     if not isinstance(obj, dict) or "meta" not in obj or "model" not in obj:
         raise UserError(f"{path} is not a tnt detect/segment checkpoint (no 'meta' and 'model')")
     meta = obj["meta"]

@@ -33,12 +33,8 @@ class CheckpointError(UserError):
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
-def read_state_dict(path: str | Path, *, use_ema: bool = True) -> StateDict:
-    """Tensors of a `.safetensors` or torch.save file, unwrapped from training-checkpoint dicts.
-
-    Args:
-        use_ema: prefer EMA weights (`state_dict_ema` / `model_ema`) where the file holds them.
-    """
+def read_checkpoint_file(path: str | Path) -> Any:
+    """The object in a `.safetensors` or torch.save file (tensors only), or one clear error saying why not."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -46,12 +42,19 @@ def read_state_dict(path: str | Path, *, use_ema: bool = True) -> StateDict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for a corrupt file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    return unwrap_state_dict(obj, use_ema=use_ema, source=str(path))
+
+
+def read_state_dict(path: str | Path, *, use_ema: bool = True) -> StateDict:
+    """Tensors of a `.safetensors` or torch.save file, unwrapped from training-checkpoint dicts.
+
+    Args:
+        use_ema: prefer EMA weights (`state_dict_ema` / `model_ema`) where the file holds them.
+    """
+    return unwrap_state_dict(read_checkpoint_file(path), use_ema=use_ema, source=str(path))
 
 
 def unwrap_state_dict(obj: Any, *, use_ema: bool = True, source: str = "checkpoint") -> StateDict:
@@ -189,9 +192,18 @@ def load_checkpoint(
     Returns:
         A report: the detected format and what was adapted.
     """
-    raw = read_state_dict(path, use_ema=use_ema)
+    return load_checkpoint_object(
+        model, read_checkpoint_file(path), use_ema=use_ema, ignore_head=ignore_head, source=str(path)
+    )
+
+
+def load_checkpoint_object(
+    model: nn.Module, obj: Any, *, use_ema: bool = True, ignore_head: bool = False, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """`load_checkpoint` for a file's contents already in memory (a state_dict or a training checkpoint)."""
+    raw = unwrap_state_dict(obj, use_ema=use_ema, source=source)
     fmt = detect_format(raw)
-    return load_state_dict(model, to_native(raw, fmt), ignore_head=ignore_head, source=str(path), fmt=fmt)
+    return load_state_dict(model, to_native(raw, fmt), ignore_head=ignore_head, source=source, fmt=fmt)
 
 
 def load_state_dict(

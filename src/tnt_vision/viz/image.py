@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 from torch import nn
 
+from ..data.transforms import eval_transform
 from ..errors import UserError
 
 
@@ -27,8 +28,7 @@ def read_image(path: str | Path) -> Image.Image:
 
 def preprocess(image: Image.Image, model: nn.Module) -> torch.Tensor:
     """(1, 3, H, W): the model's eval transform from its `pretrained_cfg` (resize, centre crop, normalise)."""
-    config = resolve_data_config(model=model)
-    return create_transform(**config)(image).unsqueeze(0)
+    return eval_transform(model)(image).unsqueeze(0)
 
 
 def to_display(x: torch.Tensor, model: nn.Module) -> np.ndarray:
