@@ -26,3 +26,10 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(CIFAR10_ARCHIVE) as tar:
         tar.extractall(out, filter="data")
     return out / "cifar10"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build (or load the cached) CPU kernels once, before any test or subprocess is timed."""
+    from tnt_vision.kernels import cpu_kernels
+
+    cpu_kernels()

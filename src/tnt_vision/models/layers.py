@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from ..kernels import word_attention, word_attention_applies
+
 _FUSED_ATTENTION = True
 
 
@@ -19,9 +21,11 @@ def fused_attention_enabled() -> bool:
 
 @contextlib.contextmanager
 def fused_attention(enabled: bool) -> Iterator[None]:
-    """Switch every `Attention` between `scaled_dot_product_attention` and explicit matrix products.
+    """Switch between the fast paths and the explicit reference path; both give the same result.
 
-    The explicit path is what FLOP counters and attention-map recorders see; both give the same result.
+    Fast (the default): `scaled_dot_product_attention`, the compiled CPU word-attention kernel where it applies,
+    and cache-sized micro-batches on the CPU. Explicit: one matrix product per step over the whole batch, which is
+    what FLOP counters and attention-map recorders see.
     """
     global _FUSED_ATTENTION
     previous, _FUSED_ATTENTION = _FUSED_ATTENTION, enabled
@@ -60,10 +64,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = self.attend(q, k, v)  # (B, heads, N, head_dim)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        qkv = self.qkv(x)
+        if self.word_kernel_applies(qkv, N):
+            x = word_attention(qkv, self.num_heads, self.scale)
+        else:
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            x = self.attend(q, k, v).transpose(1, 2).reshape(B, N, C)  # attend: (B, heads, N, head_dim)
         return self.proj_drop(self.proj(x))
+
+    def word_kernel_applies(self, qkv: torch.Tensor, tokens: int) -> bool:
+        """The compiled kernel serves short sequences (TNT's words) on the CPU, without attention dropout."""
+        dropout = self.training and self.attn_drop > 0
+        return fused_attention_enabled() and not dropout and word_attention_applies(qkv, tokens, self.head_dim)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.attn_drop if self.training else 0.0

@@ -17,7 +17,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .layers import TransformerBlock
+from ..kernels import capturing_graph
+from .layers import TransformerBlock, fused_attention_enabled
+
+# Working set one block may touch per micro-batch on the CPU: the widest activation (the inner or outer MLP's
+# hidden layer) of a group of images is kept near this size so that it stays in the last-level cache.
+CACHE_BLOCK_BYTES = 10 * 2**20
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,7 @@ class TNT(nn.Module):
         self.global_pool = cfg.global_pool
         self.num_features = self.embed_dim = cfg.outer_dim
         self.grad_checkpointing = False
+        self.cache_blocking = True
         self.pretrained_cfg: dict[str, Any] = {}
 
         self.word_embed: WordEmbed | None = None
@@ -242,6 +248,10 @@ class TNT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def set_cache_blocking(self, enable: bool = True) -> None:
+        """Run each block over cache-sized groups of images on the CPU (on by default; outputs are unchanged)."""
+        self.cache_blocking = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -296,7 +306,47 @@ class TNT(nn.Module):
             sentences = sentences + pos
         return words, self.pos_drop(sentences)
 
+    def micro_batch(self, sentences: torch.Tensor) -> int:
+        """Images per group for one block: all of them, or on the CPU as many as keep the block in cache.
+
+        Every operation of a block acts on one image at a time, so the groups give the same result as the whole
+        batch; the CPU gains because each group's activations (16 words per patch make the inner transformer's
+        as large as the outer's) are reused from cache instead of memory. Off in the explicit reference path and
+        while a graph is traced, compiled or exported.
+        """
+        B, tokens = sentences.shape[:2]
+        if not (self.cache_blocking and sentences.device.type == "cpu" and fused_attention_enabled()):
+            return B
+        if capturing_graph():  # an exported graph must not bake in one batch size's grouping
+            return B
+        cfg = self.cfg
+        widest = tokens * cfg.outer_dim * cfg.mlp_ratio
+        if cfg.has_words:
+            widest = max(widest, (tokens - 1) * cfg.num_words * cfg.inner_dim * cfg.mlp_ratio)
+        cap = max(1, int(CACHE_BLOCK_BYTES // (widest * sentences.element_size())))
+        groups = math.ceil(B / cap)
+        return math.ceil(B / groups)
+
     def run_block(
+        self, block: nn.Module, words: torch.Tensor | None, sentences: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        B = sentences.shape[0]
+        step = self.micro_batch(sentences)
+        if step >= B:
+            return self.call_block(block, words, sentences)
+        per_image = 0 if words is None else words.shape[0] // B
+        outputs = [
+            self.call_block(
+                block,
+                None if words is None else words[i * per_image : (i + step) * per_image],
+                sentences[i : i + step],
+            )
+            for i in range(0, B, step)
+        ]
+        new_words = None if words is None else torch.cat([w for w, _ in outputs])
+        return new_words, torch.cat([s for _, s in outputs])
+
+    def call_block(
         self, block: nn.Module, words: torch.Tensor | None, sentences: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         if self.grad_checkpointing and torch.is_grad_enabled():

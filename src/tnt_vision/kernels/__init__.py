@@ -1,0 +1,114 @@
+"""Optional CPU kernels, compiled once per machine on first use (torch's C++ extension builder, cached).
+
+Nothing needs them: without a C++ compiler, on other devices and dtypes, or with `TNT_VISION_CPU_KERNELS=0`, every
+layer takes its plain PyTorch path, which computes the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ENV_SWITCH = "TNT_VISION_CPU_KERNELS"
+_SOURCE = Path(__file__).with_name("word_attention.cpp")
+# No -ffast-math: NaN and infinity keep their meaning; reassociation lets the compiler vectorise the reductions.
+_CFLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-march=native",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+]
+log = logging.getLogger(__name__)
+
+
+def _machine_key() -> str:
+    """What the compiled code depends on: the source, flags, torch, and this CPU (`-march=native`)."""
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+        cpu += "".join(line for line in lines if line.startswith(("model name", "flags", "Features")))[:4096]
+    material = [_SOURCE.read_bytes(), " ".join(_CFLAGS).encode(), torch.__version__.encode(), cpu.encode()]
+    return hashlib.sha256(b"\0".join(material)).hexdigest()[:12]
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None (with one warning) where it cannot be built."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is not news here
+    try:
+        from torch.utils import cpp_extension
+
+        log.info("compiling tnt_vision's CPU kernels (once per machine, about 30 s)")
+        return cpp_extension.load(
+            name=f"tnt_vision_cpu_{_machine_key()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, an unusual platform: the plain path still works
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(
+            f"tnt_vision: CPU kernels unavailable ({reason}); using the plain PyTorch path "
+            f"(set {ENV_SWITCH}=0 to skip the attempt)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+class _WordAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        kernels = cpu_kernels()
+        assert kernels is not None
+        qkv = qkv.contiguous()
+        ctx.save_for_backward(qkv)
+        ctx.heads, ctx.scale = heads, scale  # type: ignore[attr-defined]
+        return kernels.word_attention_forward(qkv, heads, scale)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (qkv,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        kernels = cpu_kernels()
+        assert kernels is not None
+        return kernels.word_attention_backward(grad, qkv, ctx.heads, ctx.scale), None, None  # type: ignore[attr-defined]
+
+
+MAX_WORDS = MAX_HEAD_DIM = 64
+
+
+def word_attention_applies(qkv: torch.Tensor, tokens: int, head_dim: int) -> bool:
+    """Whether `word_attention` can take this projection output: fp32 CPU, small sequences, eager mode."""
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or tokens > MAX_WORDS or head_dim > MAX_HEAD_DIM:
+        return False
+    return not capturing_graph() and cpu_kernels() is not None
+
+
+def capturing_graph() -> bool:
+    """Whether a tracer, compiler or exporter is recording this call (fast paths then step aside for plain ops)."""
+    return (
+        torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def word_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v per head, from the fused projection (P, m, 3C) to (P, m, C), with autograd."""
+    return _WordAttention.apply(qkv, heads, scale)

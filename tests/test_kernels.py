@@ -1,0 +1,202 @@
+"""The compiled CPU word-attention kernel and cache-blocked blocks against float64 and unblocked references.
+
+Both are fast paths of the default eager model; the reference path (`fused_attention(False)`) and plain
+`scaled_dot_product_attention` define what they must compute.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tnt_vision import kernels
+from tnt_vision.kernels import cpu_kernels, word_attention
+from tnt_vision.models import create_model, tnt
+from tnt_vision.models.layers import Attention, fused_attention
+
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels could not be compiled here")
+
+
+def reference_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v in float64, from and to the kernel's layouts."""
+    P, m, C3 = qkv.shape
+    d = C3 // 3 // heads
+    q, k, v = qkv.double().reshape(P, m, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(P, m, heads * d)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("words", "heads", "head_dim"), [(16, 4, 6), (16, 6, 8), (4, 2, 8), (9, 1, 1), (64, 1, 64)])
+def test_word_attention_matches_float64_forward_and_backward(words: int, heads: int, head_dim: int) -> None:
+    qkv = (torch.randn(37, words, 3 * heads * head_dim, dtype=torch.float64) * 2).requires_grad_()
+    fast_in = qkv.detach().float().requires_grad_()
+    scale = head_dim**-0.5
+    expected, out = reference_attention(qkv, heads), word_attention(fast_in, heads, scale)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    out.backward(grad.float())
+    assert out.shape == expected.shape
+    # As accurate as PyTorch's own fp32 attention, measured against the same float64 reference.
+    torch_in = qkv.detach().float().requires_grad_()
+    torch_out = reference_attention_fp32(torch_in, heads)
+    torch_out.backward(grad.float())
+    assert error(out, expected) <= max(2e-6, 2 * error(torch_out, expected))
+    assert error(fast_in.grad, qkv.grad) <= max(1e-5, 2 * error(torch_in.grad, qkv.grad))
+
+
+def reference_attention_fp32(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    P, m, C3 = qkv.shape
+    q, k, v = qkv.reshape(P, m, 3, heads, C3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(P, m, C3 // 3)
+
+
+def error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return (value.double() - reference).abs().max().item()
+
+
+@needs_kernels
+def test_word_attention_takes_strided_input_and_propagates_nan() -> None:
+    wide = torch.randn(8, 16, 200)
+    qkv = wide[:, :, :72]  # a non-contiguous view
+    torch.testing.assert_close(word_attention(qkv, 4, 6**-0.5).double(), reference_attention(qkv, 4), atol=2e-6, rtol=0)
+    qkv = qkv.clone()
+    qkv[3, 5, 0] = math.nan  # one query of sentence 3, head 0
+    out = word_attention(qkv, 4, 6**-0.5)
+    assert out[3, 5, :6].isnan().all()
+    assert not out[[0, 1, 2, 4, 5, 6, 7]].isnan().any()
+
+
+@needs_kernels
+def test_word_attention_refuses_what_it_cannot_compute() -> None:
+    module = cpu_kernels()
+    with pytest.raises(RuntimeError, match="float32"):
+        module.word_attention_forward(torch.randn(2, 16, 72, dtype=torch.float64), 4, 1.0)
+    with pytest.raises(RuntimeError, match="at most 64 words"):
+        module.word_attention_forward(torch.randn(2, 65, 72), 4, 1.0)
+    with pytest.raises(RuntimeError, match="divisible"):
+        module.word_attention_forward(torch.randn(2, 16, 70), 4, 1.0)
+
+
+def attention_calls(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Run the model and return the sequence length of every attention call that took the kernel."""
+    taken: list[int] = []
+    original = Attention.word_kernel_applies
+
+    def spy(self: Attention, qkv: torch.Tensor, tokens: int) -> bool:
+        applies = original(self, qkv, tokens)
+        if applies:
+            taken.append(tokens)
+        return applies
+
+    monkeypatch.setattr(Attention, "word_kernel_applies", spy)
+    model(x)
+    return taken
+
+
+@needs_kernels
+def test_model_uses_the_kernel_for_words_only_and_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=144, num_classes=10).eval()
+    x = torch.randn(1, 3, 144, 144)
+    with torch.inference_mode():
+        assert attention_calls(model, x, monkeypatch) == [16, 16]  # the words; 82 sentence tokens are too many
+        assert attention_calls(model, x[..., :32, :32], monkeypatch) == [16, 5, 16, 5]  # any short sequence
+        with fused_attention(False):
+            assert attention_calls(model, x, monkeypatch) == []
+        with torch.autocast("cpu", torch.bfloat16):
+            assert attention_calls(model, x, monkeypatch) == []
+    dropping = create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=10, attn_drop_rate=0.1).train()
+    assert attention_calls(dropping, x, monkeypatch) == []
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"])
+def test_model_with_kernel_matches_reference_path(name: str) -> None:
+    model = create_model(name, depth=3, img_size=64, num_classes=10, drop_path_rate=0.0).train()
+    x = torch.randn(3, 3, 64, 64)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    fast, fast_grads = run()
+    with fused_attention(False):
+        slow, slow_grads = run()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    for g_fast, g_slow in zip(fast_grads, slow_grads, strict=True):
+        assert (g_fast - g_slow).abs().max() <= 1e-5 * g_slow.abs().max().clamp_min(1e-12)
+
+
+def test_failed_build_warns_once_and_the_plain_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils import cpp_extension
+
+    def broken(**_: object) -> None:
+        raise RuntimeError("Error building extension 'tnt_vision_cpu'\nc++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    kernels.cpu_kernels.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="CPU kernels unavailable .*command not found|Error building"):
+            assert kernels.cpu_kernels() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # cached: no second warning, no second attempt
+            assert kernels.cpu_kernels() is None
+            model = create_model("tnt_s_patch16_224", depth=1, img_size=32, num_classes=10).eval()
+            with torch.inference_mode():
+                assert model(torch.randn(1, 3, 32, 32)).isfinite().all()
+    finally:
+        kernels.cpu_kernels.cache_clear()
+
+
+def test_switch_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    kernels.cpu_kernels.cache_clear()
+    try:
+        assert kernels.cpu_kernels() is None
+        assert not kernels.word_attention_applies(torch.randn(2, 16, 72), 16, 6)
+    finally:
+        kernels.cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("tnt_s_patch16_224", {}), ("deit_s_patch16_224", {}), ("tnt_s_se_patch16_224", {"tnt_blocks": (0, 2)})],
+    ids=["tnt", "deit", "hybrid_se"],
+)
+def test_cache_blocking_gives_the_unblocked_result(name: str, overrides: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model(name, depth=3, img_size=32, num_classes=10, **overrides).train()
+    x = torch.randn(7, 3, 32, 32)
+    sentences = torch.zeros(7, 5, model.cfg.outer_dim)
+    assert model.micro_batch(sentences) == 7  # small images fit the default budget whole
+    monkeypatch.setattr(tnt, "CACHE_BLOCK_BYTES", 1)  # one image per group
+    assert model.micro_batch(sentences) == 1
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    blocked, blocked_grads = run()
+    model.set_cache_blocking(False)
+    assert model.micro_batch(sentences) == 7
+    whole, whole_grads = run()
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
+    for g_blocked, g_whole in zip(blocked_grads, whole_grads, strict=True):
+        torch.testing.assert_close(g_blocked, g_whole, atol=1e-6, rtol=1e-5)
+
+
+def test_micro_batches_are_balanced_and_sized_by_the_widest_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model("tnt_s_patch16_224")
+    per_image = 197 * 1536 * 4  # outer MLP hidden layer of one 224px image, fp32 (the inner one: 196 * 16 * 96)
+    monkeypatch.setattr(tnt, "CACHE_BLOCK_BYTES", 8 * per_image)
+    assert model.micro_batch(torch.zeros(32, 197, 384)) == 8
+    assert model.micro_batch(torch.zeros(9, 197, 384)) == 5  # two groups of 5 and 4, not 8 and 1
+    assert model.micro_batch(torch.zeros(32, 197, 384, dtype=torch.bfloat16)) == 16  # half the bytes per image
+    with fused_attention(False):
+        assert model.micro_batch(torch.zeros(32, 197, 384)) == 32
