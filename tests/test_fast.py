@@ -8,6 +8,7 @@ FLOP counters and attention visualisation rely on. Parity with timm is in test_m
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from tnt_vision.bench import BenchConfig, baseline_memory_mib, peak_memory_mib, timm_equivalent
 from tnt_vision.cli import main
 from tnt_vision.models import create_model
-from tnt_vision.models.layers import Attention, fused_attention
+from tnt_vision.models.layers import Attention, Mlp, fused_attention
 
 TINY = {"depth": 2, "img_size": 32, "num_classes": 10}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -123,3 +124,59 @@ def test_bench_rejects_what_onnxruntime_cannot_measure(capsys: pytest.CaptureFix
     args = ["bench", "--model", "tnt_ti_patch16_224", "--img-size", "32", "--batch", "2", "--train"]
     assert main([*args, "--against", "onnxruntime", "--no-memory"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Run fn and count the bytes autograd keeps for backward (each storage once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lean_mlp_matches_plain_mlp_and_keeps_less(dtype: torch.dtype) -> None:
+    mlp = Mlp(24, 96).to(dtype).train()
+    x = torch.randn(5, 16, 24, dtype=dtype, requires_grad=True)
+    grad = torch.randn(5, 16, 24, dtype=dtype)
+
+    def run(lean: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        assert mlp.lean_applies(x)
+        if lean:
+            out, kept = saved_bytes(lambda: mlp(x))
+        else:
+            with fused_attention(False):
+                assert not mlp.lean_applies(x)
+                out, kept = saved_bytes(lambda: mlp(x))
+        out.backward(grad)
+        return out.detach(), [x.grad, *(p.grad for p in mlp.parameters())], kept
+
+    lean_out, lean_grads, lean_kept = run(True)
+    plain_out, plain_grads, plain_kept = run(False)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(lean_out, plain_out, atol=tol, rtol=tol)
+    for lean_g, plain_g in zip(lean_grads, plain_grads, strict=True):
+        torch.testing.assert_close(lean_g, plain_g, atol=tol, rtol=tol)
+    hidden_bytes = 5 * 16 * 96 * x.element_size()
+    assert lean_kept <= plain_kept - hidden_bytes  # the GELU output is not kept
+
+
+def test_lean_mlp_steps_aside_where_it_would_change_behaviour() -> None:
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    assert Mlp(8, 32).train().lean_applies(x)
+    assert not Mlp(8, 32, drop=0.1).train().lean_applies(x)  # dropout between the layers
+    assert Mlp(8, 32, drop=0.1).eval().lean_applies(x)
+    with torch.no_grad():
+        assert not Mlp(8, 32).lean_applies(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not Mlp(8, 32).lean_applies(x)
+    frozen = Mlp(8, 32).requires_grad_(False)
+    assert not frozen.lean_applies(x.detach())
+    assert frozen.lean_applies(x)  # gradients still flow to the input

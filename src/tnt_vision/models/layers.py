@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ..kernels import word_attention, word_attention_applies
+from ..kernels import capturing_graph, word_attention, word_attention_applies
 
 _FUSED_ATTENTION = True
 
@@ -89,6 +89,41 @@ class Attention(nn.Module):
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
+class _LeanMlp(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) that keeps only x and fc1's output for backward and recomputes the GELU there.
+
+    Autograd would also keep the GELU output, the largest activation of a block (four times the token width);
+    recomputing it costs one elementwise pass and saves a quarter of a TNT's activation memory.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, hidden, w1, w2)
+        return F.linear(F.gelu(hidden), w2, b2)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, hidden, w1, w2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_w2 = grad_2d.t() @ F.gelu(hidden).reshape(-1, hidden.shape[-1]) if need_w2 else None
+        grad_b2 = grad_2d.sum(0) if need_b2 else None
+        grad_hidden = torch.ops.aten.gelu_backward(grad @ w2, hidden)
+        grad_hidden_2d = grad_hidden.reshape(-1, hidden.shape[-1])
+        grad_w1 = grad_hidden_2d.t() @ x.reshape(-1, x.shape[-1]) if need_w1 else None
+        grad_b1 = grad_hidden_2d.sum(0) if need_b1 else None
+        grad_x = grad_hidden @ w1 if need_x else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, *, drop: float = 0.0) -> None:
         super().__init__()
@@ -98,7 +133,17 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean_applies(x):
+            return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def lean_applies(self, x: torch.Tensor) -> bool:
+        """Training without dropout or autocast, outside tracing and the explicit reference path."""
+        if not (torch.is_grad_enabled() and fused_attention_enabled()) or capturing_graph():
+            return False
+        if (self.training and self.drop.p > 0) or torch.is_autocast_enabled(x.device.type):
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
 
 class SqueezeExcite(nn.Module):
