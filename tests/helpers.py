@@ -1,4 +1,4 @@
-"""Reference conversions used by several tests."""
+"""Reference conversions and forward/backward runs used by several tests."""
 
 from __future__ import annotations
 
@@ -39,3 +39,14 @@ def randomize_(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def forward_backward(
+    model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output and every parameter's gradient of mean(output^2), under bf16 autocast when asked."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    return out.float().detach(), [p.grad.float() for p in model.parameters()]

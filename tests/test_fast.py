@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from helpers import forward_backward
 from tnt_vision.bench import BenchConfig, baseline_memory_mib, peak_memory_mib, timm_equivalent
 from tnt_vision.cli import main
 from tnt_vision.models import create_model
@@ -20,14 +21,6 @@ from tnt_vision.models.layers import Attention, Mlp, fused_attention
 
 TINY = {"depth": 2, "img_size": 32, "num_classes": 10}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-
-
-def forward_backward(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-        out = model(x)
-    out.float().square().mean().backward()
-    return out.float().detach(), [p.grad.float() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import forward_backward
 from tnt_vision import kernels
 from tnt_vision.kernels import cpu_kernels, word_attention
 from tnt_vision.models import create_model, tnt
@@ -117,16 +118,9 @@ def test_model_uses_the_kernel_for_words_only_and_where_it_applies(monkeypatch: 
 def test_model_with_kernel_matches_reference_path(name: str) -> None:
     model = create_model(name, depth=3, img_size=64, num_classes=10, drop_path_rate=0.0).train()
     x = torch.randn(3, 3, 64, 64)
-
-    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.square().mean().backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters()]
-
-    fast, fast_grads = run()
+    fast, fast_grads = forward_backward(model, x)
     with fused_attention(False):
-        slow, slow_grads = run()
+        slow, slow_grads = forward_backward(model, x)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
     for g_fast, g_slow in zip(fast_grads, slow_grads, strict=True):
         assert (g_fast - g_slow).abs().max() <= 1e-5 * g_slow.abs().max().clamp_min(1e-12)
@@ -175,17 +169,10 @@ def test_cache_blocking_gives_the_unblocked_result(name: str, overrides: dict, m
     assert model.micro_batch(sentences) == 7  # small images fit the default budget whole
     monkeypatch.setattr(tnt, "CACHE_BLOCK_BYTES", 1)  # one image per group
     assert model.micro_batch(sentences) == 1
-
-    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.square().mean().backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters()]
-
-    blocked, blocked_grads = run()
+    blocked, blocked_grads = forward_backward(model, x)
     model.set_cache_blocking(False)
     assert model.micro_batch(sentences) == 7
-    whole, whole_grads = run()
+    whole, whole_grads = forward_backward(model, x)
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
     for g_blocked, g_whole in zip(blocked_grads, whole_grads, strict=True):
         torch.testing.assert_close(g_blocked, g_whole, atol=1e-6, rtol=1e-5)

@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
+from ..dense.data import CocoData
 from ..errors import UserError
 from ..io import atomic_write
 
@@ -112,6 +113,25 @@ def write_json(path: Path, obj: Any) -> None:
 def resolved_config(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     """The run's flags (without argparse's handler) and the model recipe, for `config.json`."""
     return {k: v for k, v in vars(args).items() if not callable(v)} | {"meta": meta}
+
+
+def datasets(args: argparse.Namespace, task: str, *, train: bool) -> tuple[CocoData | None, CocoData]:
+    """The --val set, and with `train` the --train set too (checked to have the same categories)."""
+    val = CocoData(args.val, args.val_images, task=task)
+    if not train:
+        return None, val
+    tr = CocoData(args.train, args.train_images, task=task)
+    check_same_classes(tr.class_names, val.class_names)
+    return tr, val
+
+
+def optimizer_and_schedule(
+    model: torch.nn.Module, args: argparse.Namespace
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the trainable parameters, cosine-annealed over --epochs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
 
 
 def check_same_classes(train: list[str], val: list[str]) -> None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ..dense.checkpoint import build_dense_model, load_dense_model, save_dense_model
-from ..dense.data import CocoData, detection_collate, make_synthetic_coco, read_image
+from ..dense.data import detection_collate, make_synthetic_coco, read_image
 from ..dense.detection import DEFAULT_ANCHOR_SIZES, draw_detections
 from ..dense.engine import detection_losses, evaluate_detection, train_detection_epoch
 from ..io import atomic_write
@@ -90,19 +90,10 @@ def make_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _datasets(args: argparse.Namespace, *, train: bool) -> tuple[CocoData | None, CocoData]:
-    val = CocoData(args.val, args.val_images)
-    if not train:
-        return None, val
-    tr = CocoData(args.train, args.train_images)
-    _dense.check_same_classes(tr.class_names, val.class_names)
-    return tr, val
-
-
 def train(args: argparse.Namespace) -> int:
     device = _dense.setup(args)
     out = Path(args.out or "runs/detect")
-    train_set, val_set = _datasets(args, train=True)
+    train_set, val_set = _dense.datasets(args, "detection", train=True)
     assert train_set is not None
     kwargs = _dense.backbone_kwargs(args)
     meta = {
@@ -120,9 +111,7 @@ def train(args: argparse.Namespace) -> int:
     model = build_dense_model(meta, pretrained_backbone=args.pretrained_backbone, backbone_kwargs=kwargs).to(device)
     train_loader = _dense.loader(train_set, args.batch_size, detection_collate, shuffle=True, workers=args.workers)
     val_loader = _dense.loader(val_set, args.batch_size, detection_collate, shuffle=False, workers=args.workers)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
+    optimizer, schedule = _dense.optimizer_and_schedule(model, args)
     _dense.write_json(out / "config.json", _dense.resolved_config(args, meta))
 
     def measure(tag: str) -> dict:
@@ -152,7 +141,7 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     device = _dense.setup(args)
     model, meta = load_dense_model(args.checkpoint, "detection")
-    _, val_set = _datasets(args, train=False)
+    _, val_set = _dense.datasets(args, "detection", train=False)
     _dense.check_same_classes(meta["class_names"], val_set.class_names)
     model.to(device)
     val_loader = _dense.loader(val_set, args.batch_size, detection_collate, shuffle=False, workers=args.workers)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..dense.checkpoint import build_dense_model, load_dense_model, save_dense_model
-from ..dense.data import CocoData, read_image, segmentation_collate
+from ..dense.data import read_image, segmentation_collate
 from ..dense.engine import evaluate_segmentation, train_segmentation_epoch
 from ..io import atomic_write
 from . import _dense
@@ -46,15 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=predict)
 
 
-def _datasets(args: argparse.Namespace, *, train: bool) -> tuple[CocoData | None, CocoData]:
-    val = CocoData(args.val, args.val_images, task="segmentation")
-    if not train:
-        return None, val
-    tr = CocoData(args.train, args.train_images, task="segmentation")
-    _dense.check_same_classes(tr.class_names, val.class_names)
-    return tr, val
-
-
 def _report(tag: str, result: dict) -> None:
     print(f"{tag}: loss {result['loss']:.4f}, mIoU {result['miou']:.4f}, pixel acc {result['pixel_acc']:.4f}")
 
@@ -62,7 +53,7 @@ def _report(tag: str, result: dict) -> None:
 def train(args: argparse.Namespace) -> int:
     device = _dense.setup(args)
     out = Path(args.out or "runs/segment")
-    train_set, val_set = _datasets(args, train=True)
+    train_set, val_set = _dense.datasets(args, "segmentation", train=True)
     assert train_set is not None
     kwargs = _dense.backbone_kwargs(args)
     meta = {
@@ -76,9 +67,7 @@ def train(args: argparse.Namespace) -> int:
     model = build_dense_model(meta, pretrained_backbone=args.pretrained_backbone, backbone_kwargs=kwargs).to(device)
     train_loader = _dense.loader(train_set, args.batch_size, segmentation_collate, shuffle=True, workers=args.workers)
     val_loader = _dense.loader(val_set, args.batch_size, segmentation_collate, shuffle=False, workers=args.workers)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1))
+    optimizer, schedule = _dense.optimizer_and_schedule(model, args)
     _dense.write_json(out / "config.json", _dense.resolved_config(args, meta))
 
     metrics: dict = {"epochs": []}
@@ -103,7 +92,7 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     device = _dense.setup(args)
     model, meta = load_dense_model(args.checkpoint, "segmentation")
-    _, val_set = _datasets(args, train=False)
+    _, val_set = _dense.datasets(args, "segmentation", train=False)
     _dense.check_same_classes(meta["class_names"], val_set.class_names)
     val_loader = _dense.loader(val_set, args.batch_size, segmentation_collate, shuffle=False, workers=args.workers)
     result = evaluate_segmentation(model.to(device), val_loader, val_set.num_classes, device)

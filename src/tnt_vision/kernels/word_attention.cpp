@@ -41,6 +41,15 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// row[i] = sum_c x[c] * yT[c][i] for the m queries i: one row of a transposed product, vectorised over i.
+inline void transposed_row(float* row, const float* x, const float (*yT)[kMaxWords], int64_t m, int64_t d) {
+  for (int64_t i = 0; i < m; ++i) row[i] = 0.0f;
+  for (int64_t c = 0; c < d; ++c) {
+    const float xc = x[c];
+    for (int64_t i = 0; i < m; ++i) row[i] += xc * yT[c][i];
+  }
+}
+
 struct Shape {
   int64_t sentences, words, heads, head_dim;
   int64_t width() const { return heads * head_dim; }
@@ -72,11 +81,7 @@ struct Pair {
     float mx[kMaxWords];
     for (int64_t j = 0; j < m; ++j) {
       float* row = aT[j];
-      for (int64_t i = 0; i < m; ++i) row[i] = 0.0f;
-      for (int64_t c = 0; c < d; ++c) {
-        const float kc = k[j * C3 + c];
-        for (int64_t i = 0; i < m; ++i) row[i] += kc * qT[c][i];
-      }
+      transposed_row(row, k + j * C3, qT, m, d);
       for (int64_t i = 0; i < m; ++i) mx[i] = j == 0 || row[i] > mx[i] ? row[i] : mx[i];
     }
     float sum[kMaxWords] = {};
@@ -158,11 +163,7 @@ torch::Tensor word_attention_backward(const torch::Tensor& grad_out, const torch
     float D[kMaxWords] = {};
     for (int64_t j = 0; j < m; ++j) {
       float* row = dsT[j];
-      for (int64_t i = 0; i < m; ++i) row[i] = 0.0f;
-      for (int64_t c = 0; c < d; ++c) {
-        const float vc = v[j * C3 + c];
-        for (int64_t i = 0; i < m; ++i) row[i] += vc * goT[c][i];
-      }
+      transposed_row(row, v + j * C3, goT, m, d);
       for (int64_t i = 0; i < m; ++i) D[i] += pair.aT[j][i] * row[i];
       // dV_j = sum_i A[i][j] dO_i
       for (int64_t c = 0; c < d; ++c) {

@@ -328,10 +328,10 @@ class TNT(nn.Module):
         return math.ceil(B / groups)
 
     def run_block(
-        self, block: nn.Module, words: torch.Tensor | None, sentences: torch.Tensor
+        self, block: nn.Module, words: torch.Tensor | None, sentences: torch.Tensor, step: int
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One block over groups of `step` images (from `micro_batch`, the same for every block)."""
         B = sentences.shape[0]
-        step = self.micro_batch(sentences)
         if step >= B:
             return self.call_block(block, words, sentences)
         per_image = 0 if words is None else words.shape[0] // B
@@ -355,8 +355,9 @@ class TNT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         words, sentences = self.embed(x)
+        step = self.micro_batch(sentences)
         for block in self.blocks:
-            words, sentences = self.run_block(block, words, sentences)
+            words, sentences = self.run_block(block, words, sentences, step)
         return self.norm(sentences)  # (B, 1+N, d)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -388,8 +389,9 @@ class TNT(nn.Module):
         words, sentences = self.embed(x)
         maps = []
         last = len(self.blocks) - 1 if not intermediates_only else max(take)
+        step = self.micro_batch(sentences)
         for i, block in enumerate(self.blocks[: last + 1]):
-            words, sentences = self.run_block(block, words, sentences)
+            words, sentences = self.run_block(block, words, sentences, step)
             if i in take:
                 tokens = self.norm(sentences) if norm else sentences
                 maps.append(tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid))
