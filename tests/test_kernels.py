@@ -187,3 +187,27 @@ def test_micro_batches_are_balanced_and_sized_by_the_widest_activation(monkeypat
     assert model.micro_batch(torch.zeros(32, 197, 384, dtype=torch.bfloat16)) == 16  # half the bytes per image
     with fused_attention(False):
         assert model.micro_batch(torch.zeros(32, 197, 384)) == 32
+
+
+@needs_kernels
+def test_torch_compile_keeps_the_kernel_in_its_graph_with_gradients() -> None:
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=10, drop_path_rate=0.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+    assert sum("tnt_vision.word_attention" in gm.code for gm in graphs) == 1
+    # fake-tensor shapes and the registered backward hold up under AOTAutograd
+    torch._dynamo.reset()
+    compiled, compiled_grads = forward_backward(torch.compile(model, backend="aot_eager", fullgraph=True), x)
+    eager, eager_grads = forward_backward(model, x)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    for g_compiled, g_eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()

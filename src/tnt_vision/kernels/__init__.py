@@ -14,6 +14,7 @@ import platform
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -71,44 +72,76 @@ def cpu_kernels() -> ModuleType | None:
         return None
 
 
-class _WordAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-        kernels = cpu_kernels()
-        assert kernels is not None
-        qkv = qkv.contiguous()
-        ctx.save_for_backward(qkv)
-        ctx.heads, ctx.scale = heads, scale  # type: ignore[attr-defined]
-        return kernels.word_attention_forward(qkv, heads, scale)
+def _kernels() -> ModuleType:
+    module = cpu_kernels()
+    if module is None:  # only reachable by calling the op directly: `word_attention_applies` checks first
+        raise RuntimeError("tnt_vision's CPU kernels are not available on this machine")
+    return module
 
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (qkv,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        kernels = cpu_kernels()
-        assert kernels is not None
-        return kernels.word_attention_backward(grad, qkv, ctx.heads, ctx.scale), None, None  # type: ignore[attr-defined]
+
+# Registered operators rather than an autograd.Function, so that torch.compile keeps the kernel in its graph
+# (an opaque call with a known output shape) instead of tracing the plain attention.
+@torch.library.custom_op("tnt_vision::word_attention", mutates_args=(), device_types="cpu")
+def _word_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    return _kernels().word_attention_forward(qkv.contiguous(), heads, scale)
+
+
+@_word_attention.register_fake
+def _(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    return qkv.new_empty((*qkv.shape[:-1], qkv.shape[-1] // 3))
+
+
+@torch.library.custom_op("tnt_vision::word_attention_backward", mutates_args=(), device_types="cpu")
+def _word_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    return _kernels().word_attention_backward(grad.contiguous(), qkv.contiguous(), heads, scale)
+
+
+@_word_attention_backward.register_fake
+def _(grad: torch.Tensor, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    qkv, ctx.heads, ctx.scale = inputs
+    ctx.save_for_backward(qkv)  # backward recomputes the probabilities from q/k/v: nothing else is kept
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    (qkv,) = ctx.saved_tensors
+    return _word_attention_backward(grad, qkv, ctx.heads, ctx.scale), None, None
+
+
+_word_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 MAX_WORDS = MAX_HEAD_DIM = 64
 
 
 def word_attention_applies(qkv: torch.Tensor, tokens: int, head_dim: int) -> bool:
-    """Whether `word_attention` can take this projection output: fp32 CPU, small sequences, eager mode."""
+    """Whether `word_attention` can take this projection output: fp32 CPU, small sequences, not exported."""
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or tokens > MAX_WORDS or head_dim > MAX_HEAD_DIM:
         return False
-    return not capturing_graph() and cpu_kernels() is not None
+    return not exporting_graph() and kernels_available()
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads the answer once instead of tracing the build
+def kernels_available() -> bool:
+    return cpu_kernels() is not None
 
 
 def capturing_graph() -> bool:
     """Whether a tracer, compiler or exporter is recording this call (fast paths then step aside for plain ops)."""
-    return (
-        torch.jit.is_scripting()
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch.onnx.is_in_onnx_export()
-    )
+    return torch.compiler.is_compiling() or exporting_graph()
+
+
+def exporting_graph() -> bool:
+    """Whether the graph being recorded leaves PyTorch (TorchScript, ONNX, torch.export): standard ops only."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6; before it, treat any graph so
+    return torch.compiler.is_compiling() if is_exporting is None else is_exporting()
 
 
 def word_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """softmax(scale q k^T) v per head, from the fused projection (P, m, 3C) to (P, m, C), with autograd."""
-    return _WordAttention.apply(qkv, heads, scale)
+    return _word_attention(qkv, heads, scale)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..kernels import capturing_graph
+from ..kernels import exporting_graph
 from .layers import TransformerBlock, fused_attention_enabled
 
 # Working set one block may touch per micro-batch on the CPU: the widest activation (the inner or outer MLP's
@@ -311,13 +311,13 @@ class TNT(nn.Module):
 
         Every operation of a block acts on one image at a time, so the groups give the same result as the whole
         batch; the CPU gains because each group's activations (16 words per patch make the inner transformer's
-        as large as the outer's) are reused from cache instead of memory. Off in the explicit reference path and
-        while a graph is traced, compiled or exported.
+        as large as the outer's) are reused from cache instead of memory. Kept under torch.compile (which then
+        specialises on the batch size); off in the explicit reference path and while a graph is exported.
         """
         B, tokens = sentences.shape[:2]
         if not (self.cache_blocking and sentences.device.type == "cpu" and fused_attention_enabled()):
             return B
-        if capturing_graph():  # an exported graph must not bake in one batch size's grouping
+        if exporting_graph():  # an exported graph must not bake in one batch size's grouping
             return B
         cfg = self.cfg
         widest = tokens * cfg.outer_dim * cfg.mlp_ratio
