@@ -27,7 +27,7 @@ SETTINGS = {
 
 def measure(model: str, setting: str, args: argparse.Namespace) -> dict:
     against = ["timm", DEIT_S]
-    if setting == "fp32-infer" and args.onnxruntime:
+    if setting == "fp32-infer" and args.onnxruntime and not args.compile:
         against.append("onnxruntime")
     cfg = BenchConfig(
         model=model,
@@ -36,7 +36,9 @@ def measure(model: str, setting: str, args: argparse.Namespace) -> dict:
         runs=args.runs,
         warmup=args.warmup,
         threads=args.threads,
-        latency=setting == "fp32-infer",
+        latency=setting == "fp32-infer" and not args.compile,  # batch 1 would be another compilation
+        memory=args.memory,
+        compile=args.compile,
         **SETTINGS[setting],
     )
     return run_benchmark(cfg)
@@ -55,7 +57,7 @@ def markdown(reports: list[dict]) -> str:
     ]
     for rep in reports:
         c = rep["config"]
-        setting = f"{c['dtype']} {'train' if c['train'] else 'inference'}"
+        setting = f"{c['dtype']} {'train' if c['train'] else 'inference'}" + (" compiled" if c["compile"] else "")
         ours = rep["results"][0]
         for r in rep["results"]:
             who = "tnt-vision" if r is ours else r["contender"].replace("timm:", "timm ")
@@ -79,6 +81,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process probes")
+    p.add_argument("--compile", action="store_true", help="torch.compile every contender (compiled vs compiled)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
     reports = []
@@ -86,7 +90,7 @@ def main() -> None:
         for setting in args.settings:
             report = measure(model, setting, args)
             reports.append(report)
-            name = f"{model}-{setting}-b{args.batch}.json"
+            name = f"{model}-{setting}{'-compiled' if args.compile else ''}-b{args.batch}.json"
             atomic_write(args.out / name, lambda tmp, r=report: tmp.write_text(json.dumps(r, indent=2) + "\n"))
     table = markdown(reports)
     atomic_write(args.out / "perf_table.md", lambda tmp: tmp.write_text(table))

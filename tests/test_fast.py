@@ -105,6 +105,18 @@ def test_bench_command_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> N
     assert "images/s" in capsys.readouterr().out
 
 
+def test_bench_compile_wraps_every_pytorch_contender(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    compiled: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(type(module).__module__) or module)
+    args = ["bench", "--model", "tnt_ti_patch16_224", "--img-size", "32", "--batch", "2", "--runs", "1"]
+    args += ["--against", "timm", "--no-memory", "--no-latency", "--compile"]
+    assert main([*args, "--warmup", "0"]) == 2  # compilation would be timed
+    assert "--warmup >= 1" in capsys.readouterr().err
+    assert main([*args, "--warmup", "1"]) == 0
+    assert compiled == ["tnt_vision.models.tnt", "timm.models.tnt"]
+    assert "torch.compile" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_bench_training_step_and_fresh_process_memory() -> None:
     cfg = BenchConfig(model="tnt_ti_patch16_224", batch=2, img_size=32, train=True, runs=1, warmup=0)

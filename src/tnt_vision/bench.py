@@ -45,6 +45,7 @@ class BenchConfig:
         train: time a training step (forward, cross-entropy, backward, AdamW) instead of inference.
         latency: also time batch-1 inference (ignored with train).
         memory: also measure each contender's peak memory in a fresh process.
+        compile: wrap every PyTorch contender in `torch.compile` (compilation happens in the warm-up).
     """
 
     model: str
@@ -60,12 +61,15 @@ class BenchConfig:
     device: str = "cpu"
     latency: bool = True
     memory: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
             raise UserError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.runs < 1 or self.batch < 1 or self.warmup < 0 or self.rotate < 1:
             raise UserError("--runs and --batch must be >= 1, --warmup >= 0")
+        if self.compile and self.warmup < 1:
+            raise UserError("--compile needs --warmup >= 1, or the compilation itself would be timed")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda requested but no CUDA device is available")
 
@@ -169,6 +173,8 @@ def build_step(name: str, cfg: BenchConfig, workdir: Path) -> Step:
     if name == "onnxruntime":
         return onnxruntime_step(cfg.model, cfg, workdir)
     module = build_module(name, cfg.model, cfg.img_size)
+    if cfg.compile:
+        module = torch.compile(module)
     return train_step(module, cfg) if cfg.train else inference_step(module, cfg)
 
 
@@ -325,6 +331,7 @@ def format_table(report: dict[str, Any]) -> str:
     """The side-by-side table: ratios are each contender relative to the first (this project's model)."""
     m, c = report["machine"], report["config"]
     mode = "training step (fwd+bwd+AdamW)" if c["train"] else "inference"
+    mode += ", torch.compile (not onnxruntime)" if c.get("compile") else ", eager"
     lines = [
         f"{c['model']}: {mode}, {c['dtype']}, batch {c['batch']}, {c['img_size']}px, device {c['device']}",
         f"machine: {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}; "

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--train", action="store_true", help="time a training step: forward + backward + AdamW")
+    p.add_argument("--compile", action="store_true", help="torch.compile every PyTorch contender (in the warm-up)")
     g = p.add_argument_group("measurement")
     g.add_argument("--runs", type=int, default=5, help="timed rounds; the median is reported")
     g.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first")
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         latency=not args.no_latency,
         memory=not args.no_memory,
+        compile=args.compile,
     )
     report = run_benchmark(cfg)
     print(format_table(report))
