@@ -194,7 +194,8 @@ class TNTBlock(nn.Module):
         if self.inner is not None and self.word_proj is not None and words is not None:
             words = self.inner(words)  # (B*N, m, c)
             update = self.word_proj(words, sentences.shape[0])  # (B, N, d)
-            sentences = torch.cat([sentences[:, :1], sentences[:, 1:] + update], dim=1)
+            cls, patches = sentences.split([1, update.shape[1]], dim=1)  # (see run_block on split vs slicing)
+            sentences = torch.cat([cls, patches + update], dim=1)
         return words, self.outer(sentences)
 
 
@@ -334,15 +335,11 @@ class TNT(nn.Module):
         B = sentences.shape[0]
         if step >= B:
             return self.call_block(block, words, sentences)
-        per_image = 0 if words is None else words.shape[0] // B
-        outputs = [
-            self.call_block(
-                block,
-                None if words is None else words[i * per_image : (i + step) * per_image],
-                sentences[i : i + step],
-            )
-            for i in range(0, B, step)
-        ]
+        # split, not slicing: its backward is one concatenation, where each slice's backward would fill a
+        # zero tensor of the whole batch and autograd would add them up
+        sentence_groups = sentences.split(step)
+        word_groups = [None] * len(sentence_groups) if words is None else words.split(step * (words.shape[0] // B))
+        outputs = [self.call_block(block, w, s) for w, s in zip(word_groups, sentence_groups, strict=True)]
         new_words = None if words is None else torch.cat([w for w, _ in outputs])
         return new_words, torch.cat([s for _, s in outputs])
 
