@@ -331,7 +331,7 @@ def format_table(report: dict[str, Any]) -> str:
     """The side-by-side table: ratios are each contender relative to the first (this project's model)."""
     m, c = report["machine"], report["config"]
     mode = "training step (fwd+bwd+AdamW)" if c["train"] else "inference"
-    mode += ", torch.compile (not onnxruntime)" if c.get("compile") else ", eager"
+    mode += ", torch.compile (not onnxruntime)" if c["compile"] else ", eager"
     lines = [
         f"{c['model']}: {mode}, {c['dtype']}, batch {c['batch']}, {c['img_size']}px, device {c['device']}",
         f"machine: {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}; "

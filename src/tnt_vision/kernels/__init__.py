@@ -83,7 +83,7 @@ def _kernels() -> ModuleType:
 # (an opaque call with a known output shape) instead of tracing the plain attention.
 @torch.library.custom_op("tnt_vision::word_attention", mutates_args=(), device_types="cpu")
 def _word_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    return _kernels().word_attention_forward(qkv.contiguous(), heads, scale)
+    return _kernels().word_attention_forward(qkv, heads, scale)
 
 
 @_word_attention.register_fake
@@ -93,17 +93,17 @@ def _(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
 
 @torch.library.custom_op("tnt_vision::word_attention_backward", mutates_args=(), device_types="cpu")
 def _word_attention_backward(grad: torch.Tensor, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    return _kernels().word_attention_backward(grad.contiguous(), qkv.contiguous(), heads, scale)
+    return _kernels().word_attention_backward(grad, qkv, heads, scale)
 
 
 @_word_attention_backward.register_fake
 def _(grad: torch.Tensor, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    return torch.empty_like(qkv)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     qkv, ctx.heads, ctx.scale = inputs
-    ctx.save_for_backward(qkv)  # backward recomputes the probabilities from q/k/v: nothing else is kept
+    ctx.save_for_backward(qkv)  # contiguous (see word_attention); backward recomputes the probabilities from it
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -138,10 +138,10 @@ def exporting_graph() -> bool:
     """Whether the graph being recorded leaves PyTorch (TorchScript, ONNX, torch.export): standard ops only."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6; before it, treat any graph so
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6; before it any graph counts
     return torch.compiler.is_compiling() if is_exporting is None else is_exporting()
 
 
 def word_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """softmax(scale q k^T) v per head, from the fused projection (P, m, 3C) to (P, m, C), with autograd."""
-    return _word_attention(qkv, heads, scale)
+    return _word_attention(qkv.contiguous(), heads, scale)  # once here, so the saved q/k/v is contiguous too
