@@ -1,6 +1,7 @@
 """Regenerate the README's performance table: TNT-Ti/S/B against timm's TNT and timm's DeiT-S.
 
     PYTHONPATH=src python benchmarks/perf_table.py --models tnt_s_patch16_224 --out benchmarks/results
+    PYTHONPATH=src python benchmarks/perf_table.py --device cuda --batch 256 --settings bf16-infer fp32-infer
 
 Each (model, setting) is one `tnt bench` measurement (interleaved contenders, median of --runs rounds,
 fresh-process peak memory); the script writes every report as JSON and the table as Markdown.
@@ -27,7 +28,7 @@ SETTINGS = {
 
 def measure(model: str, setting: str, args: argparse.Namespace) -> dict:
     against = ["timm", DEIT_S]
-    if setting == "fp32-infer" and args.onnxruntime and not args.compile:
+    if setting == "fp32-infer" and args.onnxruntime and not args.compile and args.device == "cpu":
         against.append("onnxruntime")
     cfg = BenchConfig(
         model=model,
@@ -39,6 +40,7 @@ def measure(model: str, setting: str, args: argparse.Namespace) -> dict:
         latency=setting == "fp32-infer" and not args.compile,  # batch 1 would be another compilation
         memory=args.memory,
         compile=args.compile,
+        device=args.device,
         **SETTINGS[setting],
     )
     return run_benchmark(cfg)
@@ -47,8 +49,9 @@ def measure(model: str, setting: str, args: argparse.Namespace) -> dict:
 def markdown(reports: list[dict]) -> str:
     """One row per (model, setting, contender); ratios are against this project's model in the same run."""
     m = reports[0]["machine"]
+    where = m["gpu"] if reports[0]["config"]["device"] == "cuda" else f"{m['cpu']} ({m['cpu_capability']})"
     lines = [
-        f"Measured on {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}; "
+        f"Measured on {where}, {m['threads']} threads, torch {m['torch']}; "
         f"median of {reports[0]['config']['runs']} interleaved runs; peak memory is the whole process "
         f"(importing torch + timm alone: {m.get('import_baseline_mib', float('nan')):.0f} MiB).",
         "",
@@ -83,6 +86,7 @@ def main() -> None:
     p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the fresh-process probes")
     p.add_argument("--compile", action="store_true", help="torch.compile every contender (compiled vs compiled)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: CUDA-event timing on the GPU")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
     reports = []

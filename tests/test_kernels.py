@@ -6,19 +6,27 @@ Both are fast paths of the default eager model; the reference path (`fused_atten
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import triton_interpreter_worker
 from helpers import forward_backward
 from tnt_vision import kernels
-from tnt_vision.kernels import cpu_kernels, word_attention
+from tnt_vision.kernels import cpu_kernels, inner_block, word_attention
 from tnt_vision.models import create_model, tnt
+from tnt_vision.models import layers as tnt_layers
 from tnt_vision.models.layers import Attention, fused_attention
 
+ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels could not be compiled here")
 
 
@@ -211,3 +219,92 @@ def test_torch_compile_keeps_the_kernel_in_its_graph_with_gradients() -> None:
     for g_compiled, g_eager in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-4)
     torch._dynamo.reset()
+
+
+# ---- the fused Triton inner block (GPU inference) ------------------------------------------------------------
+
+needs_triton = pytest.mark.skipif(inner_block.triton is None, reason="triton is not installed")
+
+
+@needs_triton
+def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: Path) -> None:
+    """Triton's interpreter runs the GPU kernel on CPU tensors, so this check needs no GPU."""
+    out = tmp_path / "diffs.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    worker = ROOT / "tests" / "triton_interpreter_worker.py"
+    res = subprocess.run([sys.executable, str(worker), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    diffs = json.loads(out.read_text())
+    for name in triton_interpreter_worker.BLOCKS:
+        assert diffs[name] <= 1e-5, (name, diffs[name])  # exact fp32 products
+        assert diffs[f"{name}_bf16"] <= 3e-2, (name, diffs[f"{name}_bf16"])
+    for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
+        assert diffs[name] <= 1e-5, (name, diffs[name])
+    assert diffs["kernel_calls"] == 12  # 3 models x 2 inner blocks x 2 forward passes: the kernel did the work
+
+
+def test_inner_block_steps_aside_on_the_cpu_in_training_and_with_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    block = create_model("tnt_s_patch16_224", depth=1, img_size=32).blocks[0].inner.eval()
+    words = torch.randn(4, 16, 24)
+    assert not block.fused_kernel_applies(words)  # plain CPU tensors: the CPU has its own fast paths
+    monkeypatch.setattr(inner_block, "inner_block_applies", lambda x: True)
+    monkeypatch.setattr(tnt_layers, "inner_block_applies", lambda x: True)
+    with torch.no_grad():
+        assert block.fused_kernel_applies(words)
+        with fused_attention(False):
+            assert not block.fused_kernel_applies(words)  # the explicit reference path
+        assert not block.fused_kernel_applies(torch.randn(4, 65, 24))  # more words than one program holds
+        handle = block.attn.qkv.register_forward_hook(lambda *args: None)
+        assert not block.fused_kernel_applies(words)  # a hook on a part of the block must be called
+        handle.remove()
+        assert block.fused_kernel_applies(words)
+    assert not block.fused_kernel_applies(words)  # gradients needed: forward only
+    with torch.no_grad():
+        assert not block.train().fused_kernel_applies(words)  # dropout and drop-path belong to training
+
+
+def test_a_kernel_that_fails_or_disagrees_is_switched_off_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = create_model("tnt_s_patch16_224", depth=1, img_size=32).blocks[0].inner.eval()
+    words = torch.randn(4, 16, 24)
+    expected = block.plain_forward(words)
+    monkeypatch.setattr(inner_block, "_CHECKED", {})
+    calls = []
+
+    def wrong(block: torch.nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
+        calls.append(1)
+        return x + 1
+
+    monkeypatch.setattr(inner_block, "inner_block", wrong)
+    with pytest.warns(RuntimeWarning, match="differs from the plain path"):
+        first = inner_block.checked_inner_block(block, words, block.plain_forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = inner_block.checked_inner_block(block, words, block.plain_forward)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    assert len(calls) == 1  # not tried again for this configuration
+
+    def failing(block: torch.nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
+        raise RuntimeError("PTX compile failed\nlong details")
+
+    monkeypatch.setattr(inner_block, "inner_block", failing)
+    with pytest.warns(RuntimeWarning, match=r"off \(RuntimeError: PTX compile failed\); using the plain path"):
+        out = inner_block.checked_inner_block(block, words.double(), block.double().plain_forward)
+    torch.testing.assert_close(out, block.plain_forward(words.double()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or inner_block.triton is None, reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_triton_inner_block_on_the_gpu_matches_the_plain_path(autocast: bool) -> None:
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda().eval()
+    x = torch.randn(5, 3, 64, 64, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        with fused_attention(False):
+            reference = model(x).float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fast = model(x).float()
+    assert any(key[0].type == "cuda" and ok for key, ok in inner_block._CHECKED.items())
+    tolerance = 3e-2 * reference.abs().max().item() if autocast else 1e-4
+    assert (fast - reference).abs().max().item() <= tolerance

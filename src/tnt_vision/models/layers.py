@@ -11,6 +11,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..kernels import capturing_graph, word_attention, word_attention_applies
+from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
 
 _FUSED_ATTENTION = True
 
@@ -189,6 +190,23 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_kernel_applies(x):
+            return checked_inner_block(self, x, self.plain_forward)
+        return self.plain_forward(x)
+
+    def fused_kernel_applies(self, x: torch.Tensor) -> bool:
+        """The one-launch Triton block (kernels.inner_block): GPU inference of short sequences, e.g. TNT's words."""
+        if capturing_graph() or not (fused_attention_enabled() and inner_block_applies(x)):
+            return False
+        if self.training or self.se is not None or not isinstance(self.mlp.act, nn.GELU):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self):  # hooks see calls
+            return False
+        return inner_block_fits(x.shape[1], x.shape[2], self.attn.num_heads)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         y = self.mlp(self.norm2(x))
         if self.se is not None:

@@ -1,0 +1,75 @@
+"""Run with TRITON_INTERPRET=1: the fused Triton inner block on CPU tensors (Triton's interpreter) against the
+plain `TransformerBlock`, block by block (differences relative to the output's size) and through whole models
+(logits); writes the measured differences to argv[1]."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+from tnt_vision.kernels import inner_block as ib
+from tnt_vision.models import create_model
+from tnt_vision.models.layers import TransformerBlock, fused_attention
+
+BLOCKS = {  # name: (width, heads, words, qkv_bias, sentences); 13 sentences leave the last program part-filled
+    "tnt_s": (24, 4, 16, False, 13),
+    "tnt_b_qkv_bias": (40, 4, 16, True, 13),
+    "nine_words": (24, 4, 9, False, 5),
+    "one_head_64_words": (32, 1, 64, False, 3),
+}
+
+
+def perturbed_block(width: int, heads: int, qkv_bias: bool) -> TransformerBlock:
+    block = TransformerBlock(width, heads, qkv_bias=qkv_bias).eval()
+    with torch.no_grad():
+        for p in block.parameters():  # LayerNorm 1/0 and zero biases would hide indexing mistakes
+            p.add_(0.2 * torch.randn_like(p))
+    return block
+
+
+def block_differences() -> dict[str, float]:
+    diffs = {}
+    for name, (width, heads, words, qkv_bias, sentences) in BLOCKS.items():
+        block = perturbed_block(width, heads, qkv_bias)
+        x = torch.randn(sentences, words, width)
+        with torch.no_grad():
+            reference = block.plain_forward(x)
+            scale = max(1.0, reference.abs().max().item())
+            diffs[name] = (ib.inner_block(block, x) - reference).abs().max().item() / scale
+            low = ib.inner_block(block.bfloat16(), x.bfloat16(), exact=False)
+            diffs[f"{name}_bf16"] = (low.float() - reference).abs().max().item() / scale
+    return diffs
+
+
+def model_differences() -> dict[str, float]:
+    calls = []
+    original = ib.inner_block
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    ib.inner_block = counting
+    diffs = {}
+    for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
+        model = create_model(name, depth=2, img_size=32, num_classes=10).eval()
+        x = torch.randn(3, 3, 32, 32)
+        with torch.inference_mode():
+            with fused_attention(False):
+                reference = model(x)
+            diffs[name] = max((model(x) - reference).abs().max().item() for _ in range(2))  # checked, then trusted
+    diffs["kernel_calls"] = len(calls)
+    return diffs
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    torch.manual_seed(0)
+    warnings.simplefilter("error")  # a kernel the first-use check switched off must fail the test
+    results = {**block_differences(), **model_differences()}
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f)
