@@ -294,12 +294,23 @@ def test_a_kernel_that_fails_or_disagrees_is_switched_off_with_one_warning(monke
     torch.testing.assert_close(out, block.plain_forward(words.double()))
 
 
+def test_the_switch_keeps_the_interpreted_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    words = torch.randn(4, 16, 24)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert inner_block.inner_block_applies(words) == (inner_block.triton is not None)
+    monkeypatch.setenv(inner_block.ENV_SWITCH, "0")
+    assert not inner_block.inner_block_applies(words)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or inner_block.triton is None, reason="needs a CUDA GPU and triton")
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_triton_inner_block_on_the_gpu_matches_the_plain_path(autocast: bool) -> None:
+@pytest.mark.parametrize("mode", ["fp32", "bf16_autocast", "bf16_weights"])
+def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None:
     model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda().eval()
     x = torch.randn(5, 3, 64, 64, device="cuda")
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+    if mode == "bf16_weights":
+        model, x = model.bfloat16(), x.bfloat16()
+    autocast = mode != "fp32"
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=mode == "bf16_autocast"):
         with fused_attention(False):
             reference = model(x).float()
         with warnings.catch_warnings():

@@ -30,13 +30,14 @@ try:
 except ImportError:  # triton ships with PyTorch's Linux wheels only
     triton = None
 
+ENV_SWITCH = "TNT_VISION_GPU_KERNELS"  # "0": never use the kernel
 ROWS = 64  # rows (words) per program
 MAX_WIDTH = 128  # widest inner transformer served (TNT-S: 24, TNT-B: 40)
 
 
 @functools.cache
 def triton_available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    return triton is not None and torch.cuda.is_available() and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 if triton is not None:
@@ -179,7 +180,8 @@ def inner_block_applies(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return triton_available()
-    return x.device.type == "cpu" and triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get(ENV_SWITCH, "1") != "0"
+    return x.device.type == "cpu" and triton is not None and interpreting
 
 
 # Per (device, dtype, shape) configuration: True once the kernel matched the plain path, False after a failure.
