@@ -12,10 +12,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import forward_backward
 from tnt_vision.bench import BenchConfig, baseline_memory_mib, peak_memory_mib, timm_equivalent
 from tnt_vision.cli import main
+from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import create_model
 from tnt_vision.models.layers import Attention, Mlp, fused_attention
 
@@ -35,11 +37,15 @@ def test_fused_path_matches_explicit_path(name: str, overrides: dict, dtype: tor
     fused, fused_grads = forward_backward(model, x, dtype)
     with fused_attention(False):
         plain, plain_grads = forward_backward(model, x, dtype)
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(fused, plain, atol=tol, rtol=0)
-    for name_, g_fused, g_plain in zip((n for n, _ in model.named_parameters()), fused_grads, plain_grads, strict=True):
-        scale = g_plain.abs().max().clamp_min(1e-12)
-        assert (g_fused - g_plain).abs().max() <= tol * scale, name_
+    assert_close_with_gradients(model, (fused, fused_grads), (plain, plain_grads), TOLERANCE[dtype])
+
+
+def assert_close_with_gradients(model: torch.nn.Module, fast: tuple, reference: tuple, tol: float) -> None:
+    """Outputs within `tol` (absolute), each parameter's gradient within `tol` of its largest entry."""
+    torch.testing.assert_close(fast[0], reference[0], atol=tol, rtol=0)
+    names = (n for n, _ in model.named_parameters())
+    for name, g_fast, g_ref in zip(names, fast[1], reference[1], strict=True):
+        assert (g_fast - g_ref).abs().max() <= tol * g_ref.abs().max().clamp_min(1e-12), name
 
 
 def test_bf16_autocast_stays_close_to_fp32_reference() -> None:
@@ -51,6 +57,58 @@ def test_bf16_autocast_stays_close_to_fp32_reference() -> None:
         with torch.autocast("cpu", torch.bfloat16):
             fast = model(x).float()
     assert (fast - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_linear_bf16_computes_what_autocast_linear_computes() -> None:
+    x = torch.randn(3, 50, 384, requires_grad=True)
+    w = (torch.randn(1152, 384) * 0.05).requires_grad_()
+    b = torch.randn(1152).requires_grad_()
+    grad = torch.randn(3, 50, 1152)
+    results = []
+    for emulate in (True, False):
+        with torch.autocast("cpu", torch.bfloat16):
+            y = emulated_bf16.linear_bf16(x, w, b) if emulate else F.linear(x, w, b)
+        (y.float() * grad).sum().backward()
+        results.append([y, x.grad, w.grad, b.grad])
+        x.grad = w.grad = b.grad = None
+    for emulated, native in zip(*results, strict=True):
+        assert emulated.dtype == native.dtype
+        # bf16 results: equal up to one rounding step of the last bit (sums in another order)
+        torch.testing.assert_close(emulated.float(), native.float(), rtol=1e-2, atol=1e-2 * native.abs().max().item())
+
+
+def test_bf16_emulation_matches_native_autocast_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced on (whatever this CPU has), the fp32-GEMM route gives autocast's results, forward and backward."""
+    model = create_model("tnt_s_patch16_224", **TINY).train()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    original = emulated_bf16.linear_bf16
+    monkeypatch.setattr(
+        "tnt_vision.models.layers.linear_bf16", lambda *args: calls.append(1) or original(*args), raising=True
+    )
+    monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
+    emulated = forward_backward(model, x, torch.bfloat16)
+    # per block the inner and outer q/k/v, proj, fc1, fc2 and the word projection; the sentence embedding; the head
+    assert len(calls) == 2 * 9 + 2
+    monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
+    native = forward_backward(model, x, torch.bfloat16)
+    assert len(calls) == 20  # not used where the CPU has bf16 arithmetic
+    assert_close_with_gradients(model, emulated, native, TOLERANCE[torch.bfloat16])
+
+
+def test_bf16_emulation_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 8)
+    monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
+    assert not emulated_bf16.emulating_bf16(x)  # no autocast
+    with torch.autocast("cpu", torch.float16):
+        assert not emulated_bf16.emulating_bf16(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert emulated_bf16.emulating_bf16(x)
+        monkeypatch.setenv("TNT_VISION_CPU_KERNELS", "0")
+        assert not emulated_bf16.emulating_bf16(x)
+        monkeypatch.delenv("TNT_VISION_CPU_KERNELS")
+        monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
+        assert not emulated_bf16.emulating_bf16(x)
 
 
 def test_explicit_path_computes_every_attention_through_attention_map(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton_interpreter_worker
 from helpers import forward_backward
 from tnt_vision import kernels
-from tnt_vision.kernels import cpu_kernels, inner_block, word_attention
+from tnt_vision.kernels import cpu_kernels, emulated_bf16, inner_block, word_attention
 from tnt_vision.models import create_model, tnt
 from tnt_vision.models import layers as tnt_layers
 from tnt_vision.models.layers import Attention, fused_attention
@@ -116,7 +116,10 @@ def test_model_uses_the_kernel_for_words_only_and_where_it_applies(monkeypatch: 
         with fused_attention(False):
             assert attention_calls(model, x, monkeypatch) == []
         with torch.autocast("cpu", torch.bfloat16):
-            assert attention_calls(model, x, monkeypatch) == []
+            monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
+            assert attention_calls(model, x, monkeypatch) == []  # bf16 q/k/v: fp32 only
+            monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
+            assert attention_calls(model, x, monkeypatch) == [16, 16]  # bf16 emulated through fp32: the kernel too
     dropping = create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=10, attn_drop_rate=0.1).train()
     assert attention_calls(dropping, x, monkeypatch) == []
 

@@ -11,6 +11,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..kernels import capturing_graph, word_attention, word_attention_applies
+from ..kernels.emulated_bf16 import emulating_bf16, linear_bf16
 from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
 
 _FUSED_ATTENTION = True
@@ -36,6 +37,16 @@ def fused_attention(enabled: bool) -> Iterator[None]:
         _FUSED_ATTENTION = previous
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) whose bf16 autocast products use fp32 GEMMs on CPUs without
+    bf16 arithmetic (`kernels.emulated_bf16`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_attention_enabled() and emulating_bf16(x):
+            return linear_bf16(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
@@ -58,20 +69,27 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
         qkv = self.qkv(x)
-        if self.word_kernel_applies(qkv, N):
-            x = word_attention(qkv, self.num_heads, self.scale)
+        if fused_attention_enabled() and emulating_bf16(qkv):  # bf16 q/k/v attended in fp32, then rounded
+            with torch.autocast("cpu", enabled=False):
+                x = self.mix(qkv.float()).to(torch.bfloat16)
         else:
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            x = self.attend(q, k, v).transpose(1, 2).reshape(B, N, C)  # attend: (B, heads, N, head_dim)
+            x = self.mix(qkv)
         return self.proj_drop(self.proj(x))
+
+    def mix(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from the fused projection (B, N, 3C) to the heads' concatenated outputs (B, N, C)."""
+        B, N, C3 = qkv.shape
+        if self.word_kernel_applies(qkv, N):
+            return word_attention(qkv, self.num_heads, self.scale)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attend(q, k, v).transpose(1, 2).reshape(B, N, C3 // 3)  # attend: (B, heads, N, head_dim)
 
     def word_kernel_applies(self, qkv: torch.Tensor, tokens: int) -> bool:
         """The compiled kernel serves short sequences (TNT's words) on the CPU, without attention dropout."""
@@ -128,9 +146,9 @@ class _LeanMlp(torch.autograd.Function):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, *, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..kernels import exporting_graph
-from .layers import TransformerBlock, fused_attention_enabled
+from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16
+from .layers import Linear, TransformerBlock, fused_attention_enabled
 
 # Working set one block may touch per micro-batch on the CPU: the widest activation (the inner or outer MLP's
 # hidden layer) of a group of images is kept near this size so that it stays in the last-level cache.
@@ -119,6 +120,11 @@ def patchify(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.reshape(-1, C, size, size)
 
 
+def convolve(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`; under bf16 autocast on a CPU without bf16 arithmetic, through fp32 (kernels.emulated_bf16)."""
+    return conv2d_bf16(conv, x) if fused_attention_enabled() and emulating_bf16(x) else conv(x)
+
+
 class WordEmbed(nn.Module):
     """Image -> visual words: a 7x7 stride-s convolution over each 16x16 patch (or, legacy, over the image)."""
 
@@ -129,7 +135,10 @@ class WordEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B*N, c, k, k): convolve each patch, or (legacy) the whole image and then cut it into patches
-        x = patchify(self.proj(x), self.words_per_side) if self.legacy else self.proj(patchify(x, self.patch_size))
+        if self.legacy:
+            x = patchify(convolve(self.proj, x), self.words_per_side)
+        else:
+            x = convolve(self.proj, patchify(x, self.patch_size))
         return x.flatten(2).transpose(1, 2)  # (B*N, m, c)
 
 
@@ -141,7 +150,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(cfg.in_chans, cfg.outer_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, d)
+        return convolve(self.proj, x).flatten(2).transpose(1, 2)  # (B, N, d)
 
 
 class SentenceProjection(nn.Module):
@@ -154,7 +163,7 @@ class SentenceProjection(nn.Module):
         super().__init__()
         self.legacy = legacy
         self.norm1 = nn.LayerNorm(inner_dim if legacy else num_words * inner_dim)
-        self.proj = nn.Linear(num_words * inner_dim, outer_dim, bias=bias)
+        self.proj = Linear(num_words * inner_dim, outer_dim, bias=bias)
         self.norm2 = nn.Identity() if legacy else nn.LayerNorm(outer_dim)
 
     def forward(self, words: torch.Tensor, batch: int) -> torch.Tensor:
@@ -234,7 +243,7 @@ class TNT(nn.Module):
         self.blocks = nn.ModuleList(TNTBlock(cfg, i, rates[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.outer_dim, eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head: nn.Module = nn.Linear(cfg.outer_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head: nn.Module = Linear(cfg.outer_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
     # ---- initialisation and timm-style helpers -------------------------------------------------------------
@@ -263,7 +272,7 @@ class TNT(nn.Module):
                 raise UserError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def check_input(self, x: object) -> tuple[int, int]:
