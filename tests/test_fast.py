@@ -104,6 +104,7 @@ def test_bf16_emulation_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not emulated_bf16.emulating_bf16(x)
     with torch.autocast("cpu", torch.bfloat16):
         assert emulated_bf16.emulating_bf16(x)
+        assert not emulated_bf16.emulating_bf16(x.double())  # autocast does not touch float64
         monkeypatch.setenv("TNT_VISION_CPU_KERNELS", "0")
         assert not emulated_bf16.emulating_bf16(x)
         monkeypatch.delenv("TNT_VISION_CPU_KERNELS")

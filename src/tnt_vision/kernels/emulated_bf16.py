@@ -39,8 +39,8 @@ def native_bf16() -> bool:
 
 def emulating_bf16(x: torch.Tensor) -> bool:
     """CPU autocast to bf16, on a CPU without bf16 arithmetic, outside graph capture."""
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return False
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, BF16) or not torch.is_autocast_enabled("cpu"):
+        return False  # autocast leaves other dtypes (float64) alone
     if torch.get_autocast_dtype("cpu") != BF16 or capturing_graph():
         return False
     return not native_bf16() and os.environ.get(ENV_SWITCH, "1") != "0"
