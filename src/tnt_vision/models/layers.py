@@ -38,8 +38,10 @@ def fused_attention(enabled: bool) -> Iterator[None]:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and state dict) whose bf16 autocast products use fp32 GEMMs on CPUs without
-    bf16 arithmetic (`kernels.emulated_bf16`)."""
+    """`nn.Linear` with the same parameters and state dict, and the fast bf16 path of `kernels.emulated_bf16`.
+
+    Under bf16 autocast on a CPU without bf16 arithmetic, its products are fp32 GEMMs of bf16-rounded operands.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_attention_enabled() and emulating_bf16(x):
