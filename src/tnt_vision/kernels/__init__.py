@@ -34,6 +34,11 @@ _CFLAGS = [
 log = logging.getLogger(__name__)
 
 
+def switched_on(switch: str) -> bool:
+    """Whether the environment leaves a fast path on: only the value "0" turns one off."""
+    return os.environ.get(switch, "1") != "0"
+
+
 def _machine_key() -> str:
     """What the compiled code depends on: the source, flags, torch, and this CPU (`-march=native`)."""
     cpu = platform.machine()
@@ -48,7 +53,7 @@ def _machine_key() -> str:
 @functools.cache
 def cpu_kernels() -> ModuleType | None:
     """The compiled module, or None (with one warning) where it cannot be built."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not switched_on(ENV_SWITCH):
         return None
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is not news here
     try:

@@ -16,13 +16,12 @@ Where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import ENV_SWITCH, capturing_graph
+from . import ENV_SWITCH, capturing_graph, switched_on
 
 BF16 = torch.bfloat16
 
@@ -43,7 +42,7 @@ def emulating_bf16(x: torch.Tensor) -> bool:
         return False  # autocast leaves other dtypes (float64) alone
     if torch.get_autocast_dtype("cpu") != BF16 or capturing_graph():
         return False
-    return not native_bf16() and os.environ.get(ENV_SWITCH, "1") != "0"
+    return not native_bf16() and switched_on(ENV_SWITCH)
 
 
 def _rounded(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from . import switched_on
+
 try:
     import triton
     import triton.language as tl
@@ -37,7 +39,7 @@ MAX_WIDTH = 128  # widest inner transformer served (TNT-S: 24, TNT-B: 40)
 
 @functools.cache
 def triton_available() -> bool:
-    return triton is not None and torch.cuda.is_available() and os.environ.get(ENV_SWITCH, "1") != "0"
+    return triton is not None and torch.cuda.is_available() and switched_on(ENV_SWITCH)
 
 
 if triton is not None:
@@ -180,7 +182,7 @@ def inner_block_applies(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return triton_available()
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get(ENV_SWITCH, "1") != "0"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and switched_on(ENV_SWITCH)
     return x.device.type == "cpu" and triton is not None and interpreting
 
 

@@ -220,11 +220,12 @@ class TransformerBlock(nn.Module):
             return False
         if self.training or self.se is not None or not isinstance(self.mlp.act, nn.GELU):
             return False
+        if not inner_block_fits(x.shape[1], x.shape[2], self.attn.num_heads):  # before the scans below
+            return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self):  # hooks see calls
-            return False
-        return inner_block_fits(x.shape[1], x.shape[2], self.attn.num_heads)
+        # a hook on a part of the block must see that part called
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
