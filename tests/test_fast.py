@@ -7,8 +7,10 @@ FLOP counters and attention visualisation rely on. Parity with timm is in test_m
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -81,19 +83,45 @@ def test_bf16_emulation_matches_native_autocast_model(monkeypatch: pytest.Monkey
     """Forced on (whatever this CPU has), the fp32-GEMM route gives autocast's results, forward and backward."""
     model = create_model("tnt_s_patch16_224", **TINY).train()
     x = torch.randn(2, 3, 32, 32)
-    calls = []
-    original = emulated_bf16.linear_bf16
-    monkeypatch.setattr(
-        "tnt_vision.models.layers.linear_bf16", lambda *args: calls.append(1) or original(*args), raising=True
-    )
+    calls: Counter[str] = Counter()
+    for name in ("linear_bf16", "mlp_bf16", "attention_bf16"):
+        original = getattr(emulated_bf16, name)
+        spy = functools.partial(lambda f, n, *args: calls.update([n]) or f(*args), original, name)
+        monkeypatch.setattr(f"tnt_vision.models.layers.{name}", spy, raising=True)
     monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
     emulated = forward_backward(model, x, torch.bfloat16)
-    # per block the inner and outer q/k/v, proj, fc1, fc2 and the word projection; the sentence embedding; the head
-    assert len(calls) == 2 * 9 + 2
+    # per block (2): inner and outer q/k/v and proj, the word projection; the sentence embedding; the head
+    assert calls == {"linear_bf16": 2 * 5 + 2, "mlp_bf16": 2 * 2, "attention_bf16": 2 * 2}
     monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
     native = forward_backward(model, x, torch.bfloat16)
-    assert len(calls) == 20  # not used where the CPU has bf16 arithmetic
+    assert sum(calls.values()) == 12 + 4 + 4  # not used where the CPU has bf16 arithmetic
     assert_close_with_gradients(model, emulated, native, TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("part", ["mlp", "word_attention", "attention"])
+def test_bf16_emulated_parts_match_autocast_and_keep_bf16_only(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLP and attention under emulated bf16: autocast's results, keeping only bf16 activations for backward."""
+    tokens, dim, heads = (16, 24, 4) if part != "attention" else (50, 64, 2)  # TNT's words, then its sentences
+    module = (Mlp(dim, 4 * dim) if part == "mlp" else Attention(dim, heads)).train()
+    x = torch.randn(3, tokens, dim, requires_grad=True)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(emulated_bf16, "native_bf16", lambda native=native: native)
+        x.grad = None
+        out, grads = forward_backward(module, x, torch.bfloat16)
+        results.append((out, grads, x.grad.clone()))
+    (native_out, native_grads, native_input_grad), (out, grads, input_grad) = results
+    assert_close_with_gradients(module, (out, grads), (native_out, native_grads), TOLERANCE[torch.bfloat16])
+    assert (input_grad - native_input_grad).abs().max() <= TOLERANCE[torch.bfloat16] * native_input_grad.abs().max()
+
+    with torch.autocast("cpu", torch.bfloat16):
+        if part == "mlp":
+            _, kept = saved_bytes(lambda: module(x), ignore=list(module.parameters()))
+            assert kept == 2 * x.numel() * (1 + 4)  # bf16 input and hidden activation (the GELU is recomputed)
+        else:
+            qkv = module.qkv(x)
+            _, kept = saved_bytes(lambda: emulated_bf16.attention_bf16(module.mix, qkv))
+            assert kept == 2 * qkv.numel()  # the bf16 projection; the fp32 attention is recomputed for backward
 
 
 def test_bf16_emulation_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,12 +218,14 @@ def test_bench_rejects_what_onnxruntime_cannot_measure(capsys: pytest.CaptureFix
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Run fn and count the bytes autograd keeps for backward (each storage once)."""
+def saved_bytes(fn: Callable[[], torch.Tensor], ignore: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, int]:
+    """Run fn and count the bytes autograd keeps for backward (each storage once), except `ignore`'s storages."""
     storages: dict[int, int] = {}
+    ignored = {t.untyped_storage().data_ptr() for t in ignore}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in ignored:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -212,12 +242,13 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(dtype: torch.dtype) -> None:
     def run(lean: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         mlp.zero_grad(set_to_none=True)
         x.grad = None
+        assert mlp.fused_applies()
         assert mlp.lean_applies(x)
         if lean:
             out, kept = saved_bytes(lambda: mlp(x))
         else:
             with fused_attention(False):
-                assert not mlp.lean_applies(x)
+                assert not mlp.fused_applies()
                 out, kept = saved_bytes(lambda: mlp(x))
         out.backward(grad)
         return out.detach(), [x.grad, *(p.grad for p in mlp.parameters())], kept
@@ -233,14 +264,25 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(dtype: torch.dtype) -> None:
 
 
 def test_lean_mlp_steps_aside_where_it_would_change_behaviour() -> None:
+    def lean(mlp: Mlp, x: torch.Tensor) -> bool:
+        return mlp.fused_applies() and mlp.lean_applies(x)
+
     x = torch.randn(2, 4, 8, requires_grad=True)
-    assert Mlp(8, 32).train().lean_applies(x)
-    assert not Mlp(8, 32, drop=0.1).train().lean_applies(x)  # dropout between the layers
-    assert Mlp(8, 32, drop=0.1).eval().lean_applies(x)
+    assert lean(Mlp(8, 32).train(), x)
+    assert not lean(Mlp(8, 32, drop=0.1).train(), x)  # dropout between the layers
+    assert lean(Mlp(8, 32, drop=0.1).eval(), x)
     with torch.no_grad():
-        assert not Mlp(8, 32).lean_applies(x)
+        assert not lean(Mlp(8, 32), x)
     with torch.autocast("cpu", torch.bfloat16):
-        assert not Mlp(8, 32).lean_applies(x)
+        assert not lean(Mlp(8, 32), x)
+    with fused_attention(False):
+        assert not lean(Mlp(8, 32), x)
     frozen = Mlp(8, 32).requires_grad_(False)
-    assert not frozen.lean_applies(x.detach())
-    assert frozen.lean_applies(x)  # gradients still flow to the input
+    assert not lean(frozen, x.detach())
+    assert lean(frozen, x)  # gradients still flow to the input
+    hooked = Mlp(8, 32)
+    seen = []
+    hooked.fc1.register_forward_hook(lambda *args: seen.append(1))
+    assert not lean(hooked, x)  # the hook must see fc1 called
+    hooked(x)
+    assert seen == [1]

@@ -9,6 +9,10 @@ on the AVX2 development machine is about 8x slower than the fp32 one (a 1576x384
 likewise computed in fp32 and rounded. Gradients follow autocast's: bf16-rounded, then cast to the input's and
 parameters' own dtypes.
 
+For backward only bf16 activations are kept, fewer than autocast keeps: no bf16 copies of the weights (rounded
+again in backward), no GELU output (recomputed from the MLP's hidden layer), and of the attention only its bf16
+q/k/v (the fp32 attention is recomputed).
+
 Where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, and with
 `TNT_VISION_CPU_KERNELS=0`, nothing here applies.
 """
@@ -16,10 +20,12 @@ Where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import ENV_SWITCH, capturing_graph, switched_on
 
@@ -49,25 +55,72 @@ def _rounded(t: torch.Tensor) -> torch.Tensor:
     return t.to(BF16).float()
 
 
+def _linear(x16: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Autocast's bf16 linear of a bf16 input, as an fp32 GEMM; bf16 output."""
+    return F.linear(x16.float(), _rounded(weight), None if bias is None else _rounded(bias)).to(BF16)
+
+
+def _linear_grads(
+    grad: torch.Tensor, x16: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[torch.Tensor | None, ...]:
+    """bf16 gradients of `_linear` for its input, weight and bias (None where not needed)."""
+    g = _rounded(grad)
+    g_2d = g.reshape(-1, g.shape[-1])
+    need_x, need_weight, need_bias = needs
+    grad_x = (g @ _rounded(weight)).to(BF16) if need_x else None
+    grad_w = (g_2d.t() @ x16.reshape(-1, x16.shape[-1]).float()).to(BF16) if need_weight else None
+    grad_b = g_2d.sum(0).to(BF16) if need_bias else None
+    return grad_x, grad_w, grad_b
+
+
+def _cast(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | None, ...]) -> tuple[Any, ...]:
+    """Gradients to the dtypes of the tensors they belong to, as autocast's casts do in backward."""
+    return tuple(None if g is None or d is None else g.to(d) for g, d in zip(grads, dtypes, strict=True))
+
+
+def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
+# The weights are saved as they are (parameters: no copy) and rounded again in backward; autocast would keep a
+# bf16 copy of every weight per call.
 class _Bf16Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x16, w16 = x.to(BF16), weight.to(BF16)
-        ctx.save_for_backward(x16, w16)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return F.linear(x16.float(), w16.float(), None if bias is None else _rounded(bias)).to(BF16)
+        x16 = x.to(BF16)
+        ctx.save_for_backward(x16, weight)
+        ctx.dtypes = _dtypes(x, weight, bias)
+        return _linear(x16, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x16, w16 = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        need_x, need_weight, need_bias = ctx.needs_input_grad
-        g = _rounded(grad)
-        g_2d = g.reshape(-1, g.shape[-1])
-        grad_x = (g @ w16.float()).to(BF16).to(x_dtype) if need_x else None
-        grad_w = (g_2d.t() @ x16.reshape(-1, x16.shape[-1]).float()).to(BF16).to(w_dtype) if need_weight else None
-        grad_b = g_2d.sum(0).to(BF16).to(b_dtype) if need_bias and b_dtype is not None else None
-        return grad_x, grad_w, grad_b
+        x16, weight = ctx.saved_tensors
+        return _cast(_linear_grads(grad, x16, weight, ctx.needs_input_grad), ctx.dtypes)
+
+
+class _Bf16Mlp(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) under bf16 autocast, keeping only fc1's input and output (bf16) for backward.
+
+    Autocast would also keep the GELU output and bf16 copies of both weights; the GELU is recomputed instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = params
+        x16 = x.to(BF16)
+        hidden = _linear(x16, w1, b1)
+        ctx.save_for_backward(x16, hidden, w1, w2)
+        ctx.dtypes = _dtypes(x, *params)
+        return _linear(F.gelu(hidden), w2, b2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x16, hidden, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_act, grad_w2, grad_b2 = _linear_grads(grad, F.gelu(hidden), w2, (True, need_w2, need_b2))
+        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # in bf16, like autocast's GELU
+        grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x16, w1, (need_x, need_w1, need_b1))
+        return _cast((grad_x, grad_w1, grad_b1, grad_w2, grad_b2), ctx.dtypes)
 
 
 def conv2d_bf16(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -81,3 +134,25 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """What `F.linear` computes under bf16 autocast, by an fp32 GEMM (call where `emulating_bf16(x)`)."""
     with torch.autocast("cpu", enabled=False):
         return _Bf16Linear.apply(x, weight, bias)
+
+
+def mlp_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """What `fc2(gelu(fc1(x)))` computes under bf16 autocast, by fp32 GEMMs (call where `emulating_bf16(x)`)."""
+    with torch.autocast("cpu", enabled=False):
+        return _Bf16Mlp.apply(x, w1, b1, w2, b2)
+
+
+def attention_bf16(mix: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:
+    """`mix` (attention from the fused projection) of bf16 q/k/v computed in fp32, output rounded to bf16.
+
+    For backward only the bf16 projection is kept, and the fp32 attention is recomputed from it
+    (`torch.utils.checkpoint`): the fp32 operands and outputs it would save are twice to four times larger.
+    """
+
+    def fp32_mix(qkv16: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return mix(qkv16.float()).to(BF16)
+
+    if not torch.is_grad_enabled():
+        return fp32_mix(qkv)
+    return checkpoint(fp32_mix, qkv, use_reentrant=False)

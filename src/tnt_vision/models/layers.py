@@ -11,7 +11,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..kernels import capturing_graph, word_attention, word_attention_applies
-from ..kernels.emulated_bf16 import emulating_bf16, linear_bf16
+from ..kernels.emulated_bf16 import attention_bf16, emulating_bf16, linear_bf16, mlp_bf16
 from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
 
 _FUSED_ATTENTION = True
@@ -78,11 +78,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
-        if fused_attention_enabled() and emulating_bf16(qkv):  # bf16 q/k/v attended in fp32, then rounded
-            with torch.autocast("cpu", enabled=False):
-                x = self.mix(qkv.float()).to(torch.bfloat16)
-        else:
-            x = self.mix(qkv)
+        x = attention_bf16(self.mix, qkv) if fused_attention_enabled() and emulating_bf16(qkv) else self.mix(qkv)
         return self.proj_drop(self.proj(x))
 
     def mix(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -154,17 +150,30 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lean_applies(x):
-            return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if self.fused_applies():
+            if emulating_bf16(x):
+                return mlp_bf16(x, *params)
+            if self.lean_applies(x):
+                return _LeanMlp.apply(x, *params)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
-    def lean_applies(self, x: torch.Tensor) -> bool:
-        """Training without dropout or autocast, outside tracing and the explicit reference path."""
-        if not (torch.is_grad_enabled() and fused_attention_enabled()) or capturing_graph():
+    def fused_applies(self) -> bool:
+        """One function for the three layers: no dropout at work, no hook on a layer, not the explicit path."""
+        if (self.training and self.drop.p > 0) or not fused_attention_enabled() or capturing_graph():
             return False
-        if (self.training and self.drop.p > 0) or torch.is_autocast_enabled(x.device.type):
+        return not parts_hooked(self) and isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+
+    def lean_applies(self, x: torch.Tensor) -> bool:
+        """Training in fp32 (no autocast): the lean function saves memory where gradients are recorded."""
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+
+def parts_hooked(module: nn.Module) -> bool:
+    """Whether a part of `module` has a forward hook, which a fused path (not calling the part) would skip."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
 
 
 class SqueezeExcite(nn.Module):
@@ -224,8 +233,7 @@ class TransformerBlock(nn.Module):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
-        # a hook on a part of the block must see that part called
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
+        return not parts_hooked(self)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
