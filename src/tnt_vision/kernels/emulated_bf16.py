@@ -11,7 +11,7 @@ parameters' own dtypes.
 
 For backward only bf16 activations are kept, fewer than autocast keeps: no bf16 copies of the weights (rounded
 again in backward), no GELU output (recomputed from the MLP's hidden layer), and of the attention only its bf16
-q/k/v (the fp32 attention is recomputed).
+q/k/v (the fp32 attention is recomputed). The lean MLP function also serves fp32 training, without rounding.
 
 Where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, and with
 `TNT_VISION_CPU_KERNELS=0`, nothing here applies.
@@ -55,22 +55,26 @@ def _rounded(t: torch.Tensor) -> torch.Tensor:
     return t.to(BF16).float()
 
 
-def _linear(x16: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Autocast's bf16 linear of a bf16 input, as an fp32 GEMM; bf16 output."""
-    return F.linear(x16.float(), _rounded(weight), None if bias is None else _rounded(bias)).to(BF16)
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: torch.dtype | None) -> torch.Tensor:
+    """`F.linear`; with `low=BF16`, autocast's bf16 linear of a bf16 input as an fp32 GEMM (bf16 output)."""
+    if low is None:
+        return F.linear(x, weight, bias)
+    return F.linear(x.float(), _rounded(weight), None if bias is None else _rounded(bias)).to(low)
 
 
 def _linear_grads(
-    grad: torch.Tensor, x16: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool, bool]
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...], low: torch.dtype | None
 ) -> tuple[torch.Tensor | None, ...]:
-    """bf16 gradients of `_linear` for its input, weight and bias (None where not needed)."""
-    g = _rounded(grad)
+    """Gradients of `_linear` for its input, weight and bias (None where not needed); rounded to `low` if given."""
+    g, w, x = (grad, weight, x) if low is None else (_rounded(grad), _rounded(weight), x.float())
     g_2d = g.reshape(-1, g.shape[-1])
     need_x, need_weight, need_bias = needs
-    grad_x = (g @ _rounded(weight)).to(BF16) if need_x else None
-    grad_w = (g_2d.t() @ x16.reshape(-1, x16.shape[-1]).float()).to(BF16) if need_weight else None
-    grad_b = g_2d.sum(0).to(BF16) if need_bias else None
-    return grad_x, grad_w, grad_b
+    grads = (
+        g @ w if need_x else None,
+        g_2d.t() @ x.reshape(-1, x.shape[-1]) if need_weight else None,
+        g_2d.sum(0) if need_bias else None,
+    )
+    return grads if low is None else tuple(None if t is None else t.to(low) for t in grads)
 
 
 def _cast(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | None, ...]) -> tuple[Any, ...]:
@@ -90,37 +94,39 @@ class _Bf16Linear(torch.autograd.Function):
         x16 = x.to(BF16)
         ctx.save_for_backward(x16, weight)
         ctx.dtypes = _dtypes(x, weight, bias)
-        return _linear(x16, weight, bias)
+        return _linear(x16, weight, bias, BF16)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x16, weight = ctx.saved_tensors
-        return _cast(_linear_grads(grad, x16, weight, ctx.needs_input_grad), ctx.dtypes)
+        return _cast(_linear_grads(grad, x16, weight, ctx.needs_input_grad, BF16), ctx.dtypes)
 
 
-class _Bf16Mlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) under bf16 autocast, keeping only fc1's input and output (bf16) for backward.
+class _LeanMlp(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) keeping only fc1's input and output for backward, where the GELU is recomputed.
 
-    Autocast would also keep the GELU output and bf16 copies of both weights; the GELU is recomputed instead.
+    Autograd would also keep the GELU output, the largest activation of a block (four times the token width),
+    and autocast bf16 copies of both weights. `low=None`: products in x's dtype; `low=BF16`: autocast's bf16
+    products through fp32, with bf16 activations kept.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, low: torch.dtype | None, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = params
-        x16 = x.to(BF16)
-        hidden = _linear(x16, w1, b1)
-        ctx.save_for_backward(x16, hidden, w1, w2)
-        ctx.dtypes = _dtypes(x, *params)
-        return _linear(F.gelu(hidden), w2, b2)
+        x_in = x if low is None else x.to(low)
+        hidden = _linear(x_in, w1, b1, low)
+        ctx.save_for_backward(x_in, hidden, w1, w2)
+        ctx.low, ctx.dtypes = low, _dtypes(x, *params)
+        return _linear(F.gelu(hidden), w2, b2, low)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x16, hidden, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        grad_act, grad_w2, grad_b2 = _linear_grads(grad, F.gelu(hidden), w2, (True, need_w2, need_b2))
-        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # in bf16, like autocast's GELU
-        grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x16, w1, (need_x, need_w1, need_b1))
-        return _cast((grad_x, grad_w1, grad_b1, grad_w2, grad_b2), ctx.dtypes)
+        x, hidden, w1, w2 = ctx.saved_tensors
+        _, need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_act, grad_w2, grad_b2 = _linear_grads(grad, F.gelu(hidden), w2, (True, need_w2, need_b2), ctx.low)
+        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # in bf16 under low=BF16, like autocast's GELU
+        grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x, w1, (need_x, need_w1, need_b1), ctx.low)
+        return None, *_cast((grad_x, grad_w1, grad_b1, grad_w2, grad_b2), ctx.dtypes)
 
 
 def conv2d_bf16(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +145,12 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def mlp_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """What `fc2(gelu(fc1(x)))` computes under bf16 autocast, by fp32 GEMMs (call where `emulating_bf16(x)`)."""
     with torch.autocast("cpu", enabled=False):
-        return _Bf16Mlp.apply(x, w1, b1, w2, b2)
+        return _LeanMlp.apply(BF16, x, w1, b1, w2, b2)
+
+
+def lean_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """`fc2(gelu(fc1(x)))` (no autocast) keeping only x and the hidden layer for backward."""
+    return _LeanMlp.apply(None, x, w1, b1, w2, b2)
 
 
 def attention_bf16(mix: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:

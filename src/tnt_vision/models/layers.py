@@ -11,7 +11,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..kernels import capturing_graph, word_attention, word_attention_applies
-from ..kernels.emulated_bf16 import attention_bf16, emulating_bf16, linear_bf16, mlp_bf16
+from ..kernels.emulated_bf16 import attention_bf16, emulating_bf16, lean_mlp, linear_bf16, mlp_bf16
 from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
 
 _FUSED_ATTENTION = True
@@ -106,41 +106,6 @@ class Attention(nn.Module):
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-class _LeanMlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) that keeps only x and fc1's output for backward and recomputes the GELU there.
-
-    Autograd would also keep the GELU output, the largest activation of a block (four times the token width);
-    recomputing it costs one elementwise pass and saves a quarter of a TNT's activation memory.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: torch.Tensor,
-        w1: torch.Tensor,
-        b1: torch.Tensor,
-        w2: torch.Tensor,
-        b2: torch.Tensor,
-    ) -> torch.Tensor:
-        hidden = F.linear(x, w1, b1)
-        ctx.save_for_backward(x, hidden, w1, w2)
-        return F.linear(F.gelu(hidden), w2, b2)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, hidden, w1, w2 = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad  # type: ignore[attr-defined]
-        grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_w2 = grad_2d.t() @ F.gelu(hidden).reshape(-1, hidden.shape[-1]) if need_w2 else None
-        grad_b2 = grad_2d.sum(0) if need_b2 else None
-        grad_hidden = torch.ops.aten.gelu_backward(grad @ w2, hidden)
-        grad_hidden_2d = grad_hidden.reshape(-1, hidden.shape[-1])
-        grad_w1 = grad_hidden_2d.t() @ x.reshape(-1, x.shape[-1]) if need_w1 else None
-        grad_b1 = grad_hidden_2d.sum(0) if need_b1 else None
-        grad_x = grad_hidden @ w1 if need_x else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, *, drop: float = 0.0) -> None:
         super().__init__()
@@ -150,12 +115,10 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        if self.fused_applies():
-            if emulating_bf16(x):
-                return mlp_bf16(x, *params)
-            if self.lean_applies(x):
-                return _LeanMlp.apply(x, *params)
+        # the cheap tests first: fp32 inference, the common case, never scans for hooks
+        fused = mlp_bf16 if emulating_bf16(x) else lean_mlp if self.lean_applies(x) else None
+        if fused is not None and self.fused_applies():
+            return fused(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
     def fused_applies(self) -> bool:
