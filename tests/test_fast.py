@@ -7,21 +7,19 @@ FLOP counters and attention visualisation rely on. Parity with timm is in test_m
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import forward_backward
 from tnt_vision.bench import BenchConfig, baseline_memory_mib, peak_memory_mib, timm_equivalent
 from tnt_vision.cli import main
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import create_model
-from tnt_vision.models.layers import Attention, Mlp, fused_attention
+from tnt_vision.models.layers import Attention, Mlp, TransformerBlock, fused_attention, lean_path
 
 TINY = {"depth": 2, "img_size": 32, "num_classes": 10}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -61,22 +59,38 @@ def test_bf16_autocast_stays_close_to_fp32_reference() -> None:
     assert (fast - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
-def test_linear_bf16_computes_what_autocast_linear_computes() -> None:
+@pytest.mark.parametrize("norm", [False, True], ids=["linear", "norm_linear"])
+def test_fused_linear_computes_what_autocast_computes(norm: bool) -> None:
+    """linear(x) and linear(LayerNorm(x)) through fp32 GEMMs: autocast's bf16 results, forward and backward."""
     x = torch.randn(3, 50, 384, requires_grad=True)
-    w = (torch.randn(1152, 384) * 0.05).requires_grad_()
-    b = torch.randn(1152).requires_grad_()
+    linear = torch.nn.Linear(384, 1152)
+    layer_norm = randomized(torch.nn.LayerNorm(384)) if norm else None
     grad = torch.randn(3, 50, 1152)
     results = []
     for emulate in (True, False):
         with torch.autocast("cpu", torch.bfloat16):
-            y = emulated_bf16.linear_bf16(x, w, b) if emulate else F.linear(x, w, b)
+            if emulate:
+                y = emulated_bf16.fused_linear(x, linear, emulated_bf16.BF16, layer_norm)
+            else:
+                y = linear(x if layer_norm is None else layer_norm(x))
         (y.float() * grad).sum().backward()
-        results.append([y, x.grad, w.grad, b.grad])
-        x.grad = w.grad = b.grad = None
+        params = [*linear.parameters(), *(() if layer_norm is None else layer_norm.parameters())]
+        results.append([y, x.grad, *(p.grad for p in params)])
+        x.grad = None
+        for p in params:
+            p.grad = None
     for emulated, native in zip(*results, strict=True):
         assert emulated.dtype == native.dtype
         # bf16 results: equal up to one rounding step of the last bit (sums in another order)
         torch.testing.assert_close(emulated.float(), native.float(), rtol=1e-2, atol=1e-2 * native.abs().max().item())
+
+
+def randomized(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial norm weights and biases, so that their gradients and effect are tested."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module
 
 
 def test_bf16_emulation_matches_native_autocast_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,25 +98,31 @@ def test_bf16_emulation_matches_native_autocast_model(monkeypatch: pytest.Monkey
     model = create_model("tnt_s_patch16_224", **TINY).train()
     x = torch.randn(2, 3, 32, 32)
     calls: Counter[str] = Counter()
-    for name in ("linear_bf16", "mlp_bf16", "attention_bf16"):
-        original = getattr(emulated_bf16, name)
-        spy = functools.partial(lambda f, n, *args: calls.update([n]) or f(*args), original, name)
-        monkeypatch.setattr(f"tnt_vision.models.layers.{name}", spy, raising=True)
+
+    def counted(name: str) -> Callable[..., torch.Tensor]:
+        function = getattr(emulated_bf16, name)
+        return lambda *args, **kwargs: calls.update([name]) or function(*args, **kwargs)
+
+    for where, name in [("layers", "fused_linear"), ("tnt", "fused_linear"), ("layers", "fused_mlp")]:
+        monkeypatch.setattr(f"tnt_vision.models.{where}.{name}", counted(name))
+    monkeypatch.setattr("tnt_vision.models.layers.attention_bf16", counted("attention_bf16"))
     monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
     emulated = forward_backward(model, x, torch.bfloat16)
     # per block (2): inner and outer q/k/v and proj, the word projection; the sentence embedding; the head
-    assert calls == {"linear_bf16": 2 * 5 + 2, "mlp_bf16": 2 * 2, "attention_bf16": 2 * 2}
+    assert calls == {"fused_linear": 2 * 5 + 2, "fused_mlp": 2 * 2, "attention_bf16": 2 * 2}
     monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
     native = forward_backward(model, x, torch.bfloat16)
     assert sum(calls.values()) == 12 + 4 + 4  # not used where the CPU has bf16 arithmetic
     assert_close_with_gradients(model, emulated, native, TOLERANCE[torch.bfloat16])
 
 
-@pytest.mark.parametrize("part", ["mlp", "word_attention", "attention"])
+@pytest.mark.parametrize("part", ["mlp", "word_attention", "attention", "block"])
 def test_bf16_emulated_parts_match_autocast_and_keep_bf16_only(part: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The MLP and attention under emulated bf16: autocast's results, keeping only bf16 activations for backward."""
+    """The MLP, attention and whole block under emulated bf16: autocast's results, keeping only bf16 activations
+    (and the block's fp32 residual stream) for backward."""
     tokens, dim, heads = (16, 24, 4) if part != "attention" else (50, 64, 2)  # TNT's words, then its sentences
-    module = (Mlp(dim, 4 * dim) if part == "mlp" else Attention(dim, heads)).train()
+    parts = {"mlp": lambda: Mlp(dim, 4 * dim), "block": lambda: TransformerBlock(dim, heads)}
+    module = randomized(parts.get(part, lambda: Attention(dim, heads))()).train()
     x = torch.randn(3, tokens, dim, requires_grad=True)
     results = []
     for native in (True, False):
@@ -115,13 +135,19 @@ def test_bf16_emulated_parts_match_autocast_and_keep_bf16_only(part: str, monkey
     assert (input_grad - native_input_grad).abs().max() <= TOLERANCE[torch.bfloat16] * native_input_grad.abs().max()
 
     with torch.autocast("cpu", torch.bfloat16):
-        if part == "mlp":
-            _, kept = saved_bytes(lambda: module(x), ignore=list(module.parameters()))
-            assert kept == 2 * x.numel() * (1 + 4)  # bf16 input and hidden activation (the GELU is recomputed)
-        else:
+        if isinstance(module, Attention):
             qkv = module.qkv(x)
             _, kept = saved_bytes(lambda: emulated_bf16.attention_bf16(module.mix, qkv))
             assert kept == 2 * qkv.numel()  # the bf16 projection; the fp32 attention is recomputed for backward
+            return
+        _, kept = saved_bytes(lambda: module(x), ignore=list(module.parameters()))
+    if part == "mlp":
+        assert kept == 2 * x.numel() * (1 + 4)  # bf16 input and hidden activation (the GELU is recomputed)
+    else:
+        # fp32 input and mid-block residual (with each norm's mean and 1/std), bf16 q/k/v, attention output and
+        # MLP hidden layer; no LayerNorm output (recomputed from the residual), no GELU output, no fp32 attention
+        per_token = 4 * (dim + 2) * 2 + 2 * (3 * dim + dim + 4 * dim)
+        assert kept == x.shape[0] * tokens * per_token
 
 
 def test_bf16_emulation_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,24 +260,23 @@ def saved_bytes(fn: Callable[[], torch.Tensor], ignore: Sequence[torch.Tensor] =
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_lean_mlp_matches_plain_mlp_and_keeps_less(dtype: torch.dtype) -> None:
-    mlp = Mlp(24, 96).to(dtype).train()
-    x = torch.randn(5, 16, 24, dtype=dtype, requires_grad=True)
-    grad = torch.randn(5, 16, 24, dtype=dtype)
+@pytest.mark.parametrize("part", ["mlp", "block"])
+def test_lean_training_path_matches_plain_and_keeps_less(part: str, dtype: torch.dtype) -> None:
+    """fp32/fp64 training: the fused MLP and the block with fused norms, against the plain layers."""
+    tokens, dim = 16, 24
+    module = (Mlp(dim, 4 * dim) if part == "mlp" else TransformerBlock(dim, 4)).to(dtype).train()
+    randomized(module)
+    x = torch.randn(5, tokens, dim, dtype=dtype, requires_grad=True)
+    grad = torch.randn(5, tokens, dim, dtype=dtype)
 
     def run(lean: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        mlp.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
         x.grad = None
-        assert mlp.fused_applies()
-        assert mlp.lean_applies(x)
-        if lean:
-            out, kept = saved_bytes(lambda: mlp(x))
-        else:
-            with fused_attention(False):
-                assert not mlp.fused_applies()
-                out, kept = saved_bytes(lambda: mlp(x))
+        with fused_attention(lean):
+            assert lean_path(module, x) == (lean, None)
+            out, kept = saved_bytes(lambda: module(x), ignore=list(module.parameters()))
         out.backward(grad)
-        return out.detach(), [x.grad, *(p.grad for p in mlp.parameters())], kept
+        return out.detach(), [x.grad, *(p.grad for p in module.parameters())], kept
 
     lean_out, lean_grads, lean_kept = run(True)
     plain_out, plain_grads, plain_kept = run(False)
@@ -259,13 +284,14 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(dtype: torch.dtype) -> None:
     torch.testing.assert_close(lean_out, plain_out, atol=tol, rtol=tol)
     for lean_g, plain_g in zip(lean_grads, plain_grads, strict=True):
         torch.testing.assert_close(lean_g, plain_g, atol=tol, rtol=tol)
-    hidden_bytes = 5 * 16 * 96 * x.element_size()
-    assert lean_kept <= plain_kept - hidden_bytes  # the GELU output is not kept
+    activation = x.numel() * x.element_size()
+    # not kept: the GELU output (4 activations wide) and, in the block, both LayerNorms' outputs
+    assert lean_kept <= plain_kept - activation * (4 if part == "mlp" else 6)
 
 
-def test_lean_mlp_steps_aside_where_it_would_change_behaviour() -> None:
+def test_lean_path_steps_aside_where_it_would_change_behaviour() -> None:
     def lean(mlp: Mlp, x: torch.Tensor) -> bool:
-        return mlp.fused_applies() and mlp.lean_applies(x)
+        return lean_path(mlp, x)[0] and mlp.fusable()
 
     x = torch.randn(2, 4, 8, requires_grad=True)
     assert lean(Mlp(8, 32).train(), x)
@@ -274,7 +300,7 @@ def test_lean_mlp_steps_aside_where_it_would_change_behaviour() -> None:
     with torch.no_grad():
         assert not lean(Mlp(8, 32), x)
     with torch.autocast("cpu", torch.bfloat16):
-        assert not lean(Mlp(8, 32), x)
+        assert not lean(Mlp(8, 32), x) or not emulated_bf16.native_bf16()
     with fused_attention(False):
         assert not lean(Mlp(8, 32), x)
     frozen = Mlp(8, 32).requires_grad_(False)
@@ -286,3 +312,9 @@ def test_lean_mlp_steps_aside_where_it_would_change_behaviour() -> None:
     assert not lean(hooked, x)  # the hook must see fc1 called
     hooked(x)
     assert seen == [1]
+    block = TransformerBlock(8, 2).train()
+    assert lean_path(block, x)[0]
+    block.norm1.register_forward_hook(lambda *args: seen.append(2))
+    assert not lean_path(block, x)[0]
+    block(x).sum().backward()
+    assert seen == [1, 2]

@@ -10,8 +10,10 @@ likewise computed in fp32 and rounded. Gradients follow autocast's: bf16-rounded
 parameters' own dtypes.
 
 For backward only bf16 activations are kept, fewer than autocast keeps: no bf16 copies of the weights (rounded
-again in backward), no GELU output (recomputed from the MLP's hidden layer), and of the attention only its bf16
-q/k/v (the fp32 attention is recomputed). The lean MLP function also serves fp32 training, without rounding.
+again in backward), no GELU output (recomputed from the MLP's hidden layer), no LayerNorm output where a linear
+layer follows it (recomputed from the norm's input, the residual stream, kept anyway), and of the attention only
+its bf16 q/k/v (the fp32 attention is recomputed). The linear and MLP functions also serve fp32 training,
+without rounding (`low=None`).
 
 Where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, and with
 `TNT_VISION_CPU_KERNELS=0`, nothing here applies.
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ENV_SWITCH, capturing_graph, switched_on
@@ -63,18 +66,30 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
 
 
 def _linear_grads(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...], low: torch.dtype | None
+    grad: torch.Tensor,
+    x: Callable[[], torch.Tensor],
+    weight: torch.Tensor,
+    needs: tuple[bool, ...],
+    low: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of `_linear` for its input, weight and bias (None where not needed); rounded to `low` if given."""
-    g, w, x = (grad, weight, x) if low is None else (_rounded(grad), _rounded(weight), x.float())
+    """Gradients of `_linear` for its input (`x()`, asked for only if the weight needs it), weight and bias.
+
+    None where not needed; rounded to `low` if given.
+    """
+    g, w = (grad, weight) if low is None else (_rounded(grad), _rounded(weight))
     g_2d = g.reshape(-1, g.shape[-1])
     need_x, need_weight, need_bias = needs
     grads = (
         g @ w if need_x else None,
-        g_2d.t() @ x.reshape(-1, x.shape[-1]) if need_weight else None,
+        g_2d.t() @ _widened(x(), low).reshape(-1, weight.shape[1]) if need_weight else None,
         g_2d.sum(0) if need_bias else None,
     )
     return grads if low is None else tuple(None if t is None else t.to(low) for t in grads)
+
+
+def _widened(x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
+    """x in fp32 under emulated bf16 (where autocast computes in fp32), as it is otherwise."""
+    return x if low is None else x.float()
 
 
 def _cast(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | None, ...]) -> tuple[Any, ...]:
@@ -86,47 +101,108 @@ def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
     return tuple(None if t is None else t.dtype for t in tensors)
 
 
-# The weights are saved as they are (parameters: no copy) and rounded again in backward; autocast would keep a
-# bf16 copy of every weight per call.
-class _Bf16Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x16 = x.to(BF16)
-        ctx.save_for_backward(x16, weight)
-        ctx.dtypes = _dtypes(x, weight, bias)
-        return _linear(x16, weight, bias, BF16)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x16, weight = ctx.saved_tensors
-        return _cast(_linear_grads(grad, x16, weight, ctx.needs_input_grad, BF16), ctx.dtypes)
+# The first linear layer's input of the fused functions below: x, or LayerNorm(x) (the pre-norm of a transformer
+# block). `norm` is (normalized_shape, eps) and the norm's weight and bias are inputs of the function.
+Norm = tuple[list[int], float] | None
 
 
-class _LeanMlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) keeping only fc1's input and output for backward, where the GELU is recomputed.
+def _first_input(
+    x: torch.Tensor, norm: Norm, norm_params: tuple[torch.Tensor | None, ...], low: torch.dtype | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The first linear's input, and the tensors backward keeps to have it again.
 
-    Autograd would also keep the GELU output, the largest activation of a block (four times the token width),
-    and autocast bf16 copies of both weights. `low=None`: products in x's dtype; `low=BF16`: autocast's bf16
-    products through fp32, with bf16 activations kept.
+    Without a norm: x (rounded to `low`), kept. With one: LayerNorm(x) computed like autocast's (in fp32) and
+    rounded to `low`; kept are x itself (the residual stream: no copy) and the norm's statistics, and the
+    normalised input is recomputed in backward. Autograd would keep both x and the normalised input.
+    """
+    if norm is None:
+        x_in = x if low is None else x.to(low)
+        return x_in, (x_in,)
+    out, mean, rstd = torch.native_layer_norm(_widened(x, low), norm[0], *norm_params, norm[1])
+    return (out if low is None else out.to(low)), (x, mean, rstd)
+
+
+def _first_input_again(
+    kept: tuple[torch.Tensor, ...], norm: Norm, norm_params: tuple[torch.Tensor | None, ...], low: torch.dtype | None
+) -> torch.Tensor:
+    if norm is None:
+        return kept[0]
+    out = F.layer_norm(_widened(kept[0], low), norm[0], *norm_params, norm[1])
+    return out if low is None else out.to(low)
+
+
+def _first_input_grads(
+    grad: torch.Tensor | None,
+    kept: tuple[torch.Tensor, ...],
+    norm: Norm,
+    norm_params: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, bool, bool],
+    low: torch.dtype | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients for x and the norm's weight and bias from the gradient of the first linear's input."""
+    if norm is None or grad is None:
+        return grad, None, None
+    x, mean, rstd = kept
+    grad, x = _widened(grad, low), _widened(x, low)
+    return tuple(torch.ops.aten.native_layer_norm_backward(grad, x, norm[0], mean, rstd, *norm_params, list(needs)))
+
+
+class _Linear(torch.autograd.Function):
+    """linear(x) or linear(LayerNorm(x)), in x's dtype (`low=None`) or as autocast's bf16 linear (`low=BF16`).
+
+    Weights are kept as they are (parameters: no copy) and rounded again in backward; autocast would keep a bf16
+    copy of every weight per call. See `_first_input` for the input.
     """
 
     @staticmethod
-    def forward(ctx: Any, low: torch.dtype | None, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        w1, b1, w2, b2 = params
-        x_in = x if low is None else x.to(low)
+    def forward(ctx: Any, low: torch.dtype | None, norm: Norm, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        norm_w, norm_b, weight, bias = params
+        x_in, kept = _first_input(x, norm, (norm_w, norm_b), low)
+        ctx.save_for_backward(*kept, norm_w, norm_b, weight)
+        ctx.low, ctx.norm, ctx.dtypes = low, norm, _dtypes(x, *params)
+        return _linear(x_in, weight, bias, low)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        *kept, norm_w, norm_b, weight = ctx.saved_tensors
+        low, norm, norm_params = ctx.low, ctx.norm, (norm_w, norm_b)
+        _, _, need_x, need_norm_w, need_norm_b, need_w, need_b = ctx.needs_input_grad
+        needs_in = (need_x, need_norm_w, need_norm_b)
+        x_in = functools.partial(_first_input_again, kept, norm, norm_params, low)
+        grad_in, grad_w, grad_b = _linear_grads(grad, x_in, weight, (any(needs_in), need_w, need_b), low)
+        grads_in = _first_input_grads(grad_in, kept, norm, norm_params, needs_in, low)
+        return None, None, *_cast((*grads_in, grad_w, grad_b), ctx.dtypes)
+
+
+class _LeanMlp(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) or fc2(gelu(fc1(LayerNorm(x)))), keeping fc1's output and what `_first_input` keeps.
+
+    The GELU is recomputed in backward; autograd would also keep its output, the largest activation of a block
+    (four times the token width), and autocast bf16 copies of both weights. `low=None`: products in x's dtype;
+    `low=BF16`: autocast's bf16 products through fp32, with bf16 activations kept.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, low: torch.dtype | None, norm: Norm, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        norm_w, norm_b, w1, b1, w2, b2 = params
+        x_in, kept = _first_input(x, norm, (norm_w, norm_b), low)
         hidden = _linear(x_in, w1, b1, low)
-        ctx.save_for_backward(x_in, hidden, w1, w2)
-        ctx.low, ctx.dtypes = low, _dtypes(x, *params)
+        ctx.save_for_backward(*kept, hidden, norm_w, norm_b, w1, w2)
+        ctx.low, ctx.norm, ctx.dtypes = low, norm, _dtypes(x, *params)
         return _linear(F.gelu(hidden), w2, b2, low)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, hidden, w1, w2 = ctx.saved_tensors
-        _, need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        grad_act, grad_w2, grad_b2 = _linear_grads(grad, F.gelu(hidden), w2, (True, need_w2, need_b2), ctx.low)
+        *kept, hidden, norm_w, norm_b, w1, w2 = ctx.saved_tensors
+        low, norm, norm_params = ctx.low, ctx.norm, (norm_w, norm_b)
+        _, _, need_x, need_norm_w, need_norm_b, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        needs_in = (need_x, need_norm_w, need_norm_b)
+        grad_act, grad_w2, grad_b2 = _linear_grads(grad, lambda: F.gelu(hidden), w2, (True, need_w2, need_b2), low)
         grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # in bf16 under low=BF16, like autocast's GELU
-        grad_x, grad_w1, grad_b1 = _linear_grads(grad_hidden, x, w1, (need_x, need_w1, need_b1), ctx.low)
-        return None, *_cast((grad_x, grad_w1, grad_b1, grad_w2, grad_b2), ctx.dtypes)
+        x_in = functools.partial(_first_input_again, kept, norm, norm_params, low)
+        grad_in, grad_w1, grad_b1 = _linear_grads(grad_hidden, x_in, w1, (any(needs_in), need_w1, need_b1), low)
+        grads_in = _first_input_grads(grad_in, kept, norm, norm_params, needs_in, low)
+        return None, None, *_cast((*grads_in, grad_w1, grad_b1, grad_w2, grad_b2), ctx.dtypes)
 
 
 def conv2d_bf16(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -136,21 +212,31 @@ def conv2d_bf16(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv._conv_forward(_rounded(x), _rounded(conv.weight), bias).to(BF16)
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """What `F.linear` computes under bf16 autocast, by an fp32 GEMM (call where `emulating_bf16(x)`)."""
+def _norm(norm: nn.LayerNorm | None) -> tuple[Norm, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    if norm is None:
+        return None, (None, None)
+    return (list(norm.normalized_shape), norm.eps), (norm.weight, norm.bias)
+
+
+def fused_linear(
+    x: torch.Tensor, linear: nn.Linear, low: torch.dtype | None, norm: nn.LayerNorm | None = None
+) -> torch.Tensor:
+    """`linear(norm(x))` (or `linear(x)`) keeping less for backward (`_Linear`).
+
+    `low=BF16`: what autocast computes, by fp32 GEMMs (call where `emulating_bf16(x)`); `low=None`: no autocast.
+    """
     with torch.autocast("cpu", enabled=False):
-        return _Bf16Linear.apply(x, weight, bias)
+        meta, params = _norm(norm)
+        return _Linear.apply(low, meta, x, *params, linear.weight, linear.bias)
 
 
-def mlp_bf16(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """What `fc2(gelu(fc1(x)))` computes under bf16 autocast, by fp32 GEMMs (call where `emulating_bf16(x)`)."""
+def fused_mlp(
+    x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, low: torch.dtype | None, norm: nn.LayerNorm | None = None
+) -> torch.Tensor:
+    """`fc2(gelu(fc1(norm(x))))` (or without the norm) keeping less for backward (`_LeanMlp`); `low` as above."""
     with torch.autocast("cpu", enabled=False):
-        return _LeanMlp.apply(BF16, x, w1, b1, w2, b2)
-
-
-def lean_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """`fc2(gelu(fc1(x)))` (no autocast) keeping only x and the hidden layer for backward."""
-    return _LeanMlp.apply(None, x, w1, b1, w2, b2)
+        meta, params = _norm(norm)
+        return _LeanMlp.apply(low, meta, x, *params, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
 def attention_bf16(mix: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:

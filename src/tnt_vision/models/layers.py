@@ -11,7 +11,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..kernels import capturing_graph, word_attention, word_attention_applies
-from ..kernels.emulated_bf16 import attention_bf16, emulating_bf16, lean_mlp, linear_bf16, mlp_bf16
+from ..kernels.emulated_bf16 import BF16, attention_bf16, emulating_bf16, fused_linear, fused_mlp
 from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
 
 _FUSED_ATTENTION = True
@@ -45,7 +45,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_attention_enabled() and emulating_bf16(x):
-            return linear_bf16(x, self.weight, self.bias)
+            return fused_linear(x, self, BF16)
         return super().forward(x)
 
 
@@ -77,7 +77,10 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)
+        return self.from_qkv(self.qkv(x))
+
+    def from_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention's output from its fused q/k/v projection."""
         x = attention_bf16(self.mix, qkv) if fused_attention_enabled() and emulating_bf16(qkv) else self.mix(qkv)
         return self.proj_drop(self.proj(x))
 
@@ -115,23 +118,37 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the cheap tests first: fp32 inference, the common case, never scans for hooks
-        fused = mlp_bf16 if emulating_bf16(x) else lean_mlp if self.lean_applies(x) else None
-        if fused is not None and self.fused_applies():
-            return fused(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        lean, low = lean_path(self, x)
+        if lean and self.fusable():
+            return fused_mlp(x, self.fc1, self.fc2, low)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
-    def fused_applies(self) -> bool:
-        """One function for the three layers: no dropout at work, no hook on a layer, not the explicit path."""
-        if (self.training and self.drop.p > 0) or not fused_attention_enabled() or capturing_graph():
-            return False
-        return not parts_hooked(self) and isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+    def fusable(self) -> bool:
+        """One function can replace the three layers: exact GELU, no dropout at work."""
+        gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+        return gelu and not (self.training and self.drop.p > 0)
 
-    def lean_applies(self, x: torch.Tensor) -> bool:
-        """Training in fp32 (no autocast): the lean function saves memory where gradients are recorded."""
-        if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-            return False
-        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+def lean_path(module: nn.Module, x: torch.Tensor) -> tuple[bool, torch.dtype | None]:
+    """Whether `module` may run the fused functions of `kernels.emulated_bf16`, which keep less for backward,
+    and their `low` dtype: BF16 under emulated bf16 autocast, None in training without autocast.
+
+    Not in the explicit path, not while a graph is captured, and not where a part of `module` has a hook (the
+    fused functions do not call the parts). The cheap tests first: fp32 inference never scans for hooks.
+    """
+    low = BF16 if emulating_bf16(x) else None
+    if low is None and not records_grad(module, x):
+        return False, None
+    if not fused_attention_enabled() or capturing_graph() or parts_hooked(module):
+        return False, None
+    return True, low
+
+
+def records_grad(module: nn.Module, x: torch.Tensor) -> bool:
+    """Training without autocast: gradients are recorded for x or for the module's parameters."""
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return x.requires_grad or any(p.requires_grad for p in module.parameters())
 
 
 def parts_hooked(module: nn.Module) -> bool:
@@ -199,8 +216,19 @@ class TransformerBlock(nn.Module):
         return not parts_hooked(self)
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        lean, low = lean_path(self, x)
+        if lean and self.mlp.fusable():
+            return self.lean_forward(x, low)
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        y = self.mlp(self.norm2(x))
+        return self.add_mlp(x, self.mlp(self.norm2(x)))
+
+    def lean_forward(self, x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
+        """`plain_forward` with each LayerNorm fused into the layer after it: its output is not kept for backward."""
+        x = x + self.drop_path(self.attn.from_qkv(fused_linear(x, self.attn.qkv, low, norm=self.norm1)))
+        return self.add_mlp(x, fused_mlp(x, self.mlp.fc1, self.mlp.fc2, low, norm=self.norm2))
+
+    def add_mlp(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The residual update by the MLP's output y (and the SE module's)."""
         if self.se is not None:
             y = y + self.se(y)
         return x + self.drop_path(y)

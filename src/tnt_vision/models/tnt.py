@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..kernels import exporting_graph
-from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16
-from .layers import Linear, TransformerBlock, fused_attention_enabled
+from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear
+from .layers import Linear, TransformerBlock, fused_attention_enabled, lean_path
 
 # Working set one block may touch per micro-batch on the CPU: the widest activation (the inner or outer MLP's
 # hidden layer) of a group of images is kept near this size so that it stays in the last-level cache.
@@ -168,10 +168,12 @@ class SentenceProjection(nn.Module):
 
     def forward(self, words: torch.Tensor, batch: int) -> torch.Tensor:
         if self.legacy:
-            x = self.norm1(words).reshape(batch, -1, words.shape[1] * words.shape[2])
-        else:
-            x = self.norm1(words.reshape(batch, -1, words.shape[1] * words.shape[2]))  # (B, N, m*c)
-        return self.norm2(self.proj(x))  # (B, N, d)
+            return self.norm2(self.proj(self.norm1(words).reshape(batch, -1, words.shape[1] * words.shape[2])))
+        x = words.reshape(batch, -1, words.shape[1] * words.shape[2])  # (B, N, m*c)
+        lean, low = lean_path(self, x)
+        if lean:  # the norm's output is not kept for backward (kernels.emulated_bf16)
+            return self.norm2(fused_linear(x, self.proj, low, norm=self.norm1))
+        return self.norm2(self.proj(self.norm1(x)))  # (B, N, d)
 
 
 class TNTBlock(nn.Module):
