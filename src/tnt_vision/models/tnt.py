@@ -139,7 +139,9 @@ class WordEmbed(nn.Module):
             x = patchify(convolve(self.proj, x), self.words_per_side)
         else:
             x = convolve(self.proj, patchify(x, self.patch_size))
-        return x.flatten(2).transpose(1, 2)  # (B*N, m, c)
+        # (B*N, m, c), made contiguous once here: the transposed layout would otherwise be inherited by every
+        # block's residual stream and copied again by each LayerNorm, linear layer and word projection
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 class PatchEmbed(nn.Module):
