@@ -105,14 +105,14 @@ def test_bf16_emulation_matches_native_autocast_model(monkeypatch: pytest.Monkey
 
     for where, name in [("layers", "fused_linear"), ("tnt", "fused_linear"), ("layers", "fused_mlp")]:
         monkeypatch.setattr(f"tnt_vision.models.{where}.{name}", counted(name))
-    monkeypatch.setattr("tnt_vision.models.layers.attention_bf16", counted("attention_bf16"))
+    monkeypatch.setattr("tnt_vision.models.layers.attention_projection_bf16", counted("attention_projection_bf16"))
     monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
     emulated = forward_backward(model, x, torch.bfloat16)
-    # per block (2): inner and outer q/k/v and proj, the word projection; the sentence embedding; the head
-    assert calls == {"fused_linear": 2 * 5 + 2, "fused_mlp": 2 * 2, "attention_bf16": 2 * 2}
+    # per block (2): inner and outer q/k/v, the word projection; the sentence embedding; the head
+    assert calls == {"fused_linear": 2 * 3 + 2, "fused_mlp": 2 * 2, "attention_projection_bf16": 2 * 2}
     monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
     native = forward_backward(model, x, torch.bfloat16)
-    assert sum(calls.values()) == 12 + 4 + 4  # not used where the CPU has bf16 arithmetic
+    assert sum(calls.values()) == 8 + 4 + 4  # not used where the CPU has bf16 arithmetic
     assert_close_with_gradients(model, emulated, native, TOLERANCE[torch.bfloat16])
 
 
@@ -135,19 +135,30 @@ def test_bf16_emulated_parts_match_autocast_and_keep_bf16_only(part: str, monkey
     assert (input_grad - native_input_grad).abs().max() <= TOLERANCE[torch.bfloat16] * native_input_grad.abs().max()
 
     with torch.autocast("cpu", torch.bfloat16):
-        if isinstance(module, Attention):
-            qkv = module.qkv(x)
-            _, kept = saved_bytes(lambda: emulated_bf16.attention_bf16(module.mix, qkv))
-            assert kept == 2 * qkv.numel()  # the bf16 projection; the fp32 attention is recomputed for backward
-            return
         _, kept = saved_bytes(lambda: module(x), ignore=list(module.parameters()))
     if part == "mlp":
         assert kept == 2 * x.numel() * (1 + 4)  # bf16 input and hidden activation (the GELU is recomputed)
-    else:
-        # fp32 input and mid-block residual (with each norm's mean and 1/std), bf16 q/k/v, attention output and
-        # MLP hidden layer; no LayerNorm output (recomputed from the residual), no GELU output, no fp32 attention
-        per_token = 4 * (dim + 2) * 2 + 2 * (3 * dim + dim + 4 * dim)
+    elif part == "block":
+        # fp32 input and mid-block residual (with each norm's mean and 1/std), bf16 q/k/v and MLP hidden layer:
+        # no LayerNorm output (recomputed from the residual), no GELU output, no attention output (recomputed)
+        per_token = 4 * (dim + 2) * 2 + 2 * (3 * dim + 4 * dim)
         assert kept == x.shape[0] * tokens * per_token
+    else:  # the bf16 input of the q/k/v layer and its output; the fp32 attention is recomputed for backward
+        assert kept == 2 * x.numel() * (1 + 3)
+
+
+def test_bf16_attention_recomputed_with_the_same_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention recomputed in backward draws the forward's dropout mask again: gradients as if it were kept."""
+    monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
+    module = randomized(Attention(24, 4, attn_drop=0.5)).train()
+    x = torch.randn(3, 16, 24)
+    results = []
+    for checkpointed in (False, True):
+        if checkpointed:  # a hook on the projection: torch.utils.checkpoint of the attention, then the projection
+            module.proj.register_forward_hook(lambda *args: None)
+        torch.manual_seed(0)
+        results.append(forward_backward(module, x, torch.bfloat16))
+    assert_close_with_gradients(module, results[0], results[1], 1e-6)
 
 
 def test_bf16_emulation_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:

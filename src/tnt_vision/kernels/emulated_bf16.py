@@ -239,17 +239,54 @@ def fused_mlp(
         return _LeanMlp.apply(low, meta, x, *params, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
+def _fp32_attention(mix: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", enabled=False):
+        return mix(qkv.float()).to(BF16)
+
+
 def attention_bf16(mix: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor) -> torch.Tensor:
     """`mix` (attention from the fused projection) of bf16 q/k/v computed in fp32, output rounded to bf16.
 
     For backward only the bf16 projection is kept, and the fp32 attention is recomputed from it
     (`torch.utils.checkpoint`): the fp32 operands and outputs it would save are twice to four times larger.
     """
-
-    def fp32_mix(qkv16: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", enabled=False):
-            return mix(qkv16.float()).to(BF16)
-
     if not torch.is_grad_enabled():
-        return fp32_mix(qkv)
-    return checkpoint(fp32_mix, qkv, use_reentrant=False)
+        return _fp32_attention(mix, qkv)
+    return checkpoint(_fp32_attention, mix, qkv, use_reentrant=False)
+
+
+class _AttentionProjection(torch.autograd.Function):
+    """proj(mix(qkv)) as autocast computes it, keeping only the bf16 q/k/v (and the projection's weight).
+
+    The fp32 attention is recomputed in backward (with the random state of the forward, for attention dropout),
+    and its output serves the projection's weight gradient there: it is not kept either.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, mix: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
+        weight, bias = params
+        ctx.mix, ctx.rng, ctx.dtypes = mix, torch.get_rng_state(), _dtypes(qkv, *params)
+        ctx.save_for_backward(qkv, weight)
+        return _linear(_fp32_attention(mix, qkv), weight, bias, BF16)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qkv, weight = ctx.saved_tensors
+        _, need_qkv, need_w, need_b = ctx.needs_input_grad
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(ctx.rng)
+            qkv = qkv.detach().requires_grad_()
+            attention = _fp32_attention(ctx.mix, qkv)
+        grad_attention, grad_w, grad_b = _linear_grads(grad, attention.detach, weight, (need_qkv, need_w, need_b), BF16)
+        grad_qkv = torch.autograd.grad(attention, qkv, grad_attention)[0] if need_qkv else None
+        return None, *_cast((grad_qkv, grad_w, grad_b), ctx.dtypes)
+
+
+def attention_projection_bf16(
+    mix: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor, proj: nn.Linear
+) -> torch.Tensor:
+    """`proj(mix(qkv))` as bf16 autocast computes it, by fp32 products, keeping only the bf16 q/k/v for backward."""
+    with torch.autocast("cpu", enabled=False):
+        return _AttentionProjection.apply(mix, qkv, proj.weight, proj.bias)

@@ -11,7 +11,14 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..kernels import capturing_graph, word_attention, word_attention_applies
-from ..kernels.emulated_bf16 import BF16, attention_bf16, emulating_bf16, fused_linear, fused_mlp
+from ..kernels.emulated_bf16 import (
+    BF16,
+    attention_bf16,
+    attention_projection_bf16,
+    emulating_bf16,
+    fused_linear,
+    fused_mlp,
+)
 from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
 
 _FUSED_ATTENTION = True
@@ -81,8 +88,11 @@ class Attention(nn.Module):
 
     def from_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
         """The attention's output from its fused q/k/v projection."""
-        x = attention_bf16(self.mix, qkv) if fused_attention_enabled() and emulating_bf16(qkv) else self.mix(qkv)
-        return self.proj_drop(self.proj(x))
+        if not (fused_attention_enabled() and emulating_bf16(qkv)):
+            return self.proj_drop(self.proj(self.mix(qkv)))
+        if parts_hooked(self):  # the projection's hooks must see it called
+            return self.proj_drop(self.proj(attention_bf16(self.mix, qkv)))
+        return self.proj_drop(attention_projection_bf16(self.mix, qkv, self.proj))
 
     def mix(self, qkv: torch.Tensor) -> torch.Tensor:
         """Attention from the fused projection (B, N, 3C) to the heads' concatenated outputs (B, N, C)."""
