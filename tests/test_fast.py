@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 
-from helpers import forward_backward
+from helpers import forward_backward, randomize_
 from tnt_vision.bench import BenchConfig, baseline_memory_mib, peak_memory_mib, timm_equivalent
 from tnt_vision.cli import main
-from tnt_vision.kernels import emulated_bf16
+from tnt_vision.kernels import emulated_bf16, onednn
 from tnt_vision.models import create_model
 from tnt_vision.models.layers import Attention, Mlp, TransformerBlock, fused_attention, lean_path
 
@@ -175,6 +175,45 @@ def test_bf16_emulation_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("TNT_VISION_CPU_KERNELS")
         monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
         assert not emulated_bf16.emulating_bf16(x)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("tnt_s_patch16_224", {}), ("tnt_s_legacy_patch16_224", {}), ("tnt_s_se_patch16_224", {"tnt_blocks": (1,)})],
+    ids=["tnt_s", "legacy", "hybrid_se"],
+)
+def test_onednn_inference_matches_explicit_path(name: str, overrides: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = randomize_(create_model(name, **TINY, **overrides)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls: Counter[str] = Counter()
+    for fn in ("linear", "linear_add"):
+        original = getattr(onednn, fn)
+        monkeypatch.setattr(onednn, fn, lambda *a, f=original, n=fn, **k: calls.update([n]) or f(*a, **k))
+    with torch.inference_mode():
+        fast = model(x)
+        with fused_attention(False):
+            plain = model(x)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    if name == "tnt_s_patch16_224":  # per block (2), inner and outer: q/k/v, MLP, 2 residual projections;
+        assert calls == {"linear": 2 * (2 * 2 + 1) + 2, "linear_add": 2 * 2 * 2}  # word projections, head
+    else:
+        assert calls["linear"] > 0
+
+
+def test_onednn_steps_aside() -> None:
+    x = torch.randn(2, 16, 8)
+    block = TransformerBlock(8, 2).eval()
+    assert not onednn.onednn_applies(x)  # gradients are recorded
+    with torch.no_grad():
+        assert onednn.onednn_applies(x) == onednn.available()
+        assert not onednn.onednn_applies(x.double())
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not onednn.onednn_applies(x)
+        assert block.onednn_forward_applies(x) == onednn.available()
+        assert not block.train().onednn_forward_applies(x)  # dropout and drop-path would be skipped
+        block.eval().norm2.register_forward_hook(lambda *args: None)
+        assert not block.onednn_forward_applies(x)
 
 
 def test_explicit_path_computes_every_attention_through_attention_map(monkeypatch: pytest.MonkeyPatch) -> None:

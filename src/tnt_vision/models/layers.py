@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ..kernels import capturing_graph, word_attention, word_attention_applies
+from ..kernels import capturing_graph, onednn, word_attention, word_attention_applies
 from ..kernels.emulated_bf16 import (
     BF16,
     attention_bf16,
@@ -20,6 +20,7 @@ from ..kernels.emulated_bf16 import (
     fused_mlp,
 )
 from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
+from ..kernels.onednn import onednn_applies
 
 _FUSED_ATTENTION = True
 
@@ -53,6 +54,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_attention_enabled() and emulating_bf16(x):
             return fused_linear(x, self, BF16)
+        if fused_attention_enabled() and onednn_applies(x):
+            return onednn.linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
@@ -131,6 +134,8 @@ class Mlp(nn.Module):
         lean, low = lean_path(self, x)
         if lean and self.fusable():
             return fused_mlp(x, self.fc1, self.fc2, low)
+        if onednn_applies(x) and self.fusable() and fused_attention_enabled() and not parts_hooked(self):
+            return self.drop(self.fc2(onednn.linear(x, self.fc1.weight, self.fc1.bias, gelu=True)))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
     def fusable(self) -> bool:
@@ -229,6 +234,8 @@ class TransformerBlock(nn.Module):
         lean, low = lean_path(self, x)
         if lean and self.mlp.fusable():
             return self.lean_forward(x, low)
+        if self.onednn_forward_applies(x):
+            return self.onednn_forward(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return self.add_mlp(x, self.mlp(self.norm2(x)))
 
@@ -236,6 +243,19 @@ class TransformerBlock(nn.Module):
         """`plain_forward` with each LayerNorm fused into the layer after it: its output is not kept for backward."""
         x = x + self.drop_path(self.attn.from_qkv(fused_linear(x, self.attn.qkv, low, norm=self.norm1)))
         return self.add_mlp(x, fused_mlp(x, self.mlp.fc1, self.mlp.fc2, low, norm=self.norm2))
+
+    def onednn_forward_applies(self, x: torch.Tensor) -> bool:
+        """fp32 CPU inference (kernels.onednn) of a block whose dropouts are off, without SE and hooks."""
+        if self.training or self.se is not None or not (fused_attention_enabled() and onednn_applies(x)):
+            return False
+        return self.mlp.fusable() and not parts_hooked(self)
+
+    def onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`plain_forward` in inference with the bias, the GELU and both residual additions done by oneDNN."""
+        attn, mlp = self.attn, self.mlp
+        x = onednn.linear_add(attn.mix(attn.qkv(self.norm1(x))), attn.proj.weight, attn.proj.bias, x)
+        hidden = onednn.linear(self.norm2(x), mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+        return onednn.linear_add(hidden, mlp.fc2.weight, mlp.fc2.bias, x)
 
     def add_mlp(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The residual update by the MLP's output y (and the SE module's)."""

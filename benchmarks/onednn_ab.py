@@ -1,0 +1,54 @@
+"""fp32 CPU inference with and without oneDNN's fused linear layers (`tnt_vision.kernels.onednn`), in one process.
+
+    PYTHONPATH=src python benchmarks/onednn_ab.py --batch 32 --rounds 8
+    PYTHONPATH=src python benchmarks/onednn_ab.py --batch 1 --rounds 40
+
+The two contenders alternate forward passes on the same model and inputs (after one untimed warm-up round);
+the medians are printed with the batch, threads and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from tnt_vision.kernels import onednn
+from tnt_vision.models import create_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tnt_s_patch16_224")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    if not onednn.available():
+        raise SystemExit("this PyTorch has no oneDNN: nothing to compare")
+    torch.set_num_threads(args.threads)
+    model = create_model(args.model).eval()
+    inputs = [torch.randn(args.batch, 3, 224, 224) for _ in range(2)]
+    with_onednn = onednn.available
+    times: dict[str, list[float]] = {"plain linear layers": [], "oneDNN fused": []}
+    with torch.inference_mode():
+        for i in range(args.rounds + 1):
+            for name in times:
+                onednn.available = with_onednn if name == "oneDNN fused" else lambda: False
+                start = time.perf_counter()
+                model(inputs[i % 2])
+                if i:  # round 0 warms up
+                    times[name].append(time.perf_counter() - start)
+    onednn.available = with_onednn
+    cpu = platform.processor() or platform.machine()
+    print(f"{args.model}, fp32, batch {args.batch}, {args.threads} threads, {cpu}, torch {torch.__version__}")
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        print(f"{name:20s} median {median * 1e3:8.1f} ms  {args.batch / median:7.2f} images/s  ({len(runs)} runs)")
+
+
+if __name__ == "__main__":
+    main()
