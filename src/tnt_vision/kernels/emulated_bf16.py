@@ -62,7 +62,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
     """`F.linear`; with `low=BF16`, autocast's bf16 linear of a bf16 input as an fp32 GEMM (bf16 output)."""
     if low is None:
         return F.linear(x, weight, bias)
-    return F.linear(x.float(), _rounded(weight), None if bias is None else _rounded(bias)).to(low)
+    return _lowered(F.linear(x.float(), _rounded(weight), None if bias is None else _rounded(bias)), low)
 
 
 def _linear_grads(
@@ -84,12 +84,17 @@ def _linear_grads(
         g_2d.t() @ _widened(x(), low).reshape(-1, weight.shape[1]) if need_weight else None,
         g_2d.sum(0) if need_bias else None,
     )
-    return grads if low is None else tuple(None if t is None else t.to(low) for t in grads)
+    return tuple(None if t is None else _lowered(t, low) for t in grads)
 
 
 def _widened(x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
     """x in fp32 under emulated bf16 (where autocast computes in fp32), as it is otherwise."""
     return x if low is None else x.float()
+
+
+def _lowered(x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
+    """x rounded to `low` under emulated bf16, as it is otherwise."""
+    return x if low is None else x.to(low)
 
 
 def _cast(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | None, ...]) -> tuple[Any, ...]:
@@ -103,7 +108,8 @@ def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
 
 # The first linear layer's input of the fused functions below: x, or LayerNorm(x) (the pre-norm of a transformer
 # block). `norm` is (normalized_shape, eps) and the norm's weight and bias are inputs of the function.
-Norm = tuple[list[int], float] | None
+NormSpec = tuple[list[int], float]
+Norm = NormSpec | None
 
 
 def _first_input(
@@ -116,19 +122,27 @@ def _first_input(
     normalised input is recomputed in backward. Autograd would keep both x and the normalised input.
     """
     if norm is None:
-        x_in = x if low is None else x.to(low)
+        x_in = _lowered(x, low)
         return x_in, (x_in,)
-    out, mean, rstd = torch.native_layer_norm(_widened(x, low), norm[0], *norm_params, norm[1])
-    return (out if low is None else out.to(low)), (x, mean, rstd)
+    out, mean, rstd = _normalised(x, norm, norm_params, low)
+    return out, (x, mean, rstd)
 
 
 def _first_input_again(
     kept: tuple[torch.Tensor, ...], norm: Norm, norm_params: tuple[torch.Tensor | None, ...], low: torch.dtype | None
 ) -> torch.Tensor:
-    if norm is None:
-        return kept[0]
-    out = F.layer_norm(_widened(kept[0], low), norm[0], *norm_params, norm[1])
-    return out if low is None else out.to(low)
+    return kept[0] if norm is None else _normalised(kept[0], norm, norm_params, low)[0]
+
+
+def _normalised(
+    x: torch.Tensor,
+    norm: tuple[list[int], float],
+    norm_params: tuple[torch.Tensor | None, ...],
+    low: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm(x) computed like autocast's (in fp32) and rounded to `low`, with its mean and 1/std."""
+    out, mean, rstd = torch.native_layer_norm(_widened(x, low), norm[0], *norm_params, norm[1])
+    return _lowered(out, low), mean, rstd
 
 
 def _first_input_grads(

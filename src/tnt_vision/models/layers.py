@@ -54,7 +54,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_attention_enabled() and emulating_bf16(x):
             return fused_linear(x, self, BF16)
-        if fused_attention_enabled() and onednn_applies(x):
+        if onednn_path(self, x):
             return onednn.linear(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -134,7 +134,7 @@ class Mlp(nn.Module):
         lean, low = lean_path(self, x)
         if lean and self.fusable():
             return fused_mlp(x, self.fc1, self.fc2, low)
-        if onednn_applies(x) and self.fusable() and fused_attention_enabled() and not parts_hooked(self):
+        if onednn_path(self, x) and self.fusable():
             return self.drop(self.fc2(onednn.linear(x, self.fc1.weight, self.fc1.bias, gelu=True)))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
@@ -157,6 +157,12 @@ def lean_path(module: nn.Module, x: torch.Tensor) -> tuple[bool, torch.dtype | N
     if not fused_attention_enabled() or capturing_graph() or parts_hooked(module):
         return False, None
     return True, low
+
+
+def onednn_path(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` may run oneDNN's fused linear layers (`kernels.onednn`): fp32 CPU inference in the fast
+    path, no hook on a part of `module` (the fused calls skip the parts)."""
+    return fused_attention_enabled() and onednn_applies(x) and not parts_hooked(module)
 
 
 def records_grad(module: nn.Module, x: torch.Tensor) -> bool:
@@ -246,9 +252,9 @@ class TransformerBlock(nn.Module):
 
     def onednn_forward_applies(self, x: torch.Tensor) -> bool:
         """fp32 CPU inference (kernels.onednn) of a block whose dropouts are off, without SE and hooks."""
-        if self.training or self.se is not None or not (fused_attention_enabled() and onednn_applies(x)):
+        if self.training or self.se is not None:
             return False
-        return self.mlp.fusable() and not parts_hooked(self)
+        return self.mlp.fusable() and onednn_path(self, x)
 
     def onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
         """`plain_forward` in inference with the bias, the GELU and both residual additions done by oneDNN."""
