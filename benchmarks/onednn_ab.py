@@ -3,8 +3,9 @@
     PYTHONPATH=src python benchmarks/onednn_ab.py --batch 32 --rounds 8
     PYTHONPATH=src python benchmarks/onednn_ab.py --batch 1 --rounds 40
 
-The two contenders alternate forward passes on the same model and inputs (after one untimed warm-up round);
-the medians are printed with the batch, threads and machine.
+Three contenders alternate forward passes on the same model and inputs (after one untimed warm-up round): plain
+linear layers, oneDNN's fused ones with the weights in their plain layout, and with the weights packed once in
+oneDNN's layout (the default); the medians are printed with the batch, threads and machine.
 """
 
 from __future__ import annotations
@@ -32,22 +33,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = create_model(args.model).eval()
     inputs = [torch.randn(args.batch, 3, 224, 224) for _ in range(2)]
-    with_onednn = onednn.available
-    times: dict[str, list[float]] = {"plain linear layers": [], "oneDNN fused": []}
+    with_onednn, with_packing = onednn.available, onednn.packed
+    switches = {
+        "plain linear layers": (lambda: False, with_packing),
+        "oneDNN, plain weights": (with_onednn, lambda weight, rows: weight),
+        "oneDNN, packed": (with_onednn, with_packing),
+    }
+    times: dict[str, list[float]] = {name: [] for name in switches}
     with torch.inference_mode():
         for i in range(args.rounds + 1):
-            for name in times:
-                onednn.available = with_onednn if name == "oneDNN fused" else lambda: False
+            for name, (onednn.available, onednn.packed) in switches.items():
                 start = time.perf_counter()
                 model(inputs[i % 2])
                 if i:  # round 0 warms up
                     times[name].append(time.perf_counter() - start)
-    onednn.available = with_onednn
+    onednn.available, onednn.packed = with_onednn, with_packing
     cpu = platform.processor() or platform.machine()
     print(f"{args.model}, fp32, batch {args.batch}, {args.threads} threads, {cpu}, torch {torch.__version__}")
     for name, runs in times.items():
         median = statistics.median(runs)
-        print(f"{name:20s} median {median * 1e3:8.1f} ms  {args.batch / median:7.2f} images/s  ({len(runs)} runs)")
+        print(f"{name:22s} median {median * 1e3:8.1f} ms  {args.batch / median:7.2f} images/s  ({len(runs)} runs)")
 
 
 if __name__ == "__main__":

@@ -368,3 +368,44 @@ def test_lean_path_steps_aside_where_it_would_change_behaviour() -> None:
     assert not lean_path(block, x)[0]
     block(x).sum().backward()
     assert seen == [1, 2]
+
+
+@pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN")
+def test_onednn_packed_weights_follow_the_parameters() -> None:
+    """Packed weights are remade after every kind of change to a parameter, and dropped in training mode."""
+    model = randomize_(create_model("tnt_s_patch16_224", **TINY))
+    x = torch.randn(2, 3, 32, 32)
+    linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def check() -> None:
+        with torch.inference_mode():
+            fast = model.eval()(x)
+            with fused_attention(False):
+                plain = model(x)
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+    check()
+    assert sum(w in onednn._PACKED for w in linear_weights) == len(linear_weights)
+    model.load_state_dict(randomize_(create_model("tnt_s_patch16_224", **TINY)).state_dict())  # in place
+    check()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()(x).square().mean().backward()
+    assert not any(w in onednn._PACKED for w in linear_weights)
+    check()
+    optimizer.step()  # in place, after the packing
+    check()
+    for weight in linear_weights:  # new storage, same version counter
+        weight.data = torch.randn_like(weight) * 0.05
+    check()
+    weight = model.head.weight
+    weight.data = weight.data[:, :-1].contiguous()  # a narrower head's weight: another shape
+    model.head.in_features -= 1
+    with torch.inference_mode():
+        packed = onednn.packed(weight, 2)
+    assert packed.shape == weight.shape
+
+
+def test_onednn_leaves_inference_weights_unpacked() -> None:
+    with torch.inference_mode():
+        weight = torch.randn(4, 3)
+    assert onednn.packed(weight, 2) is weight

@@ -5,13 +5,19 @@ first layer and the block's residual additions each read and write the activatio
 applies the bias, the GELU or the residual addition to each tile of the product while it is in cache. Same
 results up to the order of the GEMM's additions. Inference only (these operators have no autograd formula),
 fp32, CPU; off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
+
+Each weight is reordered once into oneDNN's blocked layout (as torch.compile's freezing does) instead of on every
+call; the copy is kept beside the parameter, remade when the parameter changes (its version counter or storage),
+and dropped by `release` (the model does so when it is put in training mode).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ENV_SWITCH, capturing_graph, switched_on
 
@@ -30,8 +36,40 @@ def onednn_applies(x: torch.Tensor) -> bool:
     return available() and switched_on(ENV_SWITCH)
 
 
+# weight -> (its values when packed; their address, layout and version; the weight in oneDNN's layout). Entries go
+# when their weight does. Holding the packed values keeps their storage alive, so a weight given new storage
+# (`weight.data = ...`) cannot land at the same address and pass for the packed one.
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` in oneDNN's blocked layout for products with about `rows` rows, reordered once per weight value.
+
+    Weights made under inference mode carry no version counter, so they are used as they are.
+    """
+    if weight.is_inference() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return weight
+    stamp = (weight.data_ptr(), weight.shape, weight.stride(), weight._version)
+    entry = _PACKED.get(weight)
+    if entry is None or entry[1] != stamp:
+        values = weight.detach()
+        entry = _PACKED[weight] = (values, stamp, torch.ops.mkldnn._reorder_linear_weight(values, rows))
+    return entry[2]
+
+
+def release(weights: Iterable[torch.Tensor]) -> None:
+    """Drop the packed copies of `weights` (their memory; a stale copy is never used)."""
+    for weight in weights:
+        _PACKED.pop(weight, None)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, followed by the exact GELU if asked, in one oneDNN call."""
+    weight = packed(weight, _rows(x))
     if gelu:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -43,4 +81,4 @@ def linear_add(
     """`residual + F.linear(x, weight, bias)` in one oneDNN call (a residual that is not contiguous: two steps)."""
     if not residual.is_contiguous():
         return residual + linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed(weight, _rows(x)), bias, "add")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..kernels import exporting_graph
+from ..kernels import exporting_graph, onednn
 from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear
 from .layers import Linear, TransformerBlock, fused_attention_enabled, lean_path
 
@@ -259,6 +259,11 @@ class TNT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "sentence_pos", "word_pos"}
+
+    def train(self, mode: bool = True) -> TNT:
+        if mode:  # the inference path's packed weights would only take memory (and go stale) while training
+            onednn.release(self.parameters())
+        return super().train(mode)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
