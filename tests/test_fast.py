@@ -370,7 +370,9 @@ def test_lean_path_steps_aside_where_it_would_change_behaviour() -> None:
     assert seen == [1, 2]
 
 
-@pytest.mark.skipif(not onednn.available(), reason="this PyTorch has no oneDNN")
+@pytest.mark.skipif(
+    not (onednn.available() and onednn._packing_available()), reason="this PyTorch cannot pack oneDNN weights"
+)
 def test_onednn_packed_weights_follow_the_parameters() -> None:
     """Packed weights are remade after every kind of change to a parameter, and dropped in training mode."""
     model = randomize_(create_model("tnt_s_patch16_224", **TINY))

@@ -7,7 +7,7 @@ results up to the order of the GEMM's additions. Inference only (these operators
 fp32, CPU; off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
 
 Each weight is reordered once into oneDNN's blocked layout (as torch.compile's freezing does) instead of on every
-call; the copy is kept beside the parameter, remade when the parameter changes (its version counter or storage),
+call; the copy is kept beside the parameter, remade when the parameter changes (version counter, storage or shape),
 and dropped by `release` (the model does so when it is put in training mode).
 """
 
@@ -25,6 +25,11 @@ from . import ENV_SWITCH, capturing_graph, switched_on
 @functools.cache
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _packing_available() -> bool:
+    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
@@ -47,7 +52,7 @@ def packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
     Weights made under inference mode carry no version counter, so they are used as they are.
     """
-    if weight.is_inference() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if weight.is_inference() or not _packing_available():
         return weight
     stamp = (weight.data_ptr(), weight.shape, weight.stride(), weight._version)
     entry = _PACKED.get(weight)
