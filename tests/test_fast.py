@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import forward_backward, randomize_
-from tnt_vision.bench import BenchConfig, baseline_memory_mib, peak_memory_mib, timm_equivalent
+from tnt_vision.bench import BenchConfig, baseline_memory_mib, onnxruntime_options, peak_memory_mib, timm_equivalent
 from tnt_vision.cli import main
 from tnt_vision.kernels import emulated_bf16, onednn
 from tnt_vision.models import create_model
@@ -292,6 +292,15 @@ def test_bench_rejects_what_onnxruntime_cannot_measure(capsys: pytest.CaptureFix
     args = ["bench", "--model", "tnt_ti_patch16_224", "--img-size", "32", "--batch", "2", "--train"]
     assert main([*args, "--against", "onnxruntime", "--no-memory"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_bench_onnxruntime_threads_sleep_between_runs() -> None:
+    """Spinning onnxruntime workers would take the cores from the contender timed after it."""
+    pytest.importorskip("onnxruntime")
+    options = onnxruntime_options()
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert options.get_session_config_entry(key) == "0"
+    assert options.intra_op_num_threads == torch.get_num_threads()
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], ignore: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, int]:
