@@ -22,7 +22,7 @@ Where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -129,14 +129,14 @@ def _first_input(
 
 
 def _first_input_again(
-    kept: tuple[torch.Tensor, ...], norm: Norm, norm_params: tuple[torch.Tensor | None, ...], low: torch.dtype | None
+    kept: Sequence[torch.Tensor], norm: Norm, norm_params: tuple[torch.Tensor | None, ...], low: torch.dtype | None
 ) -> torch.Tensor:
     return kept[0] if norm is None else _normalised(kept[0], norm, norm_params, low)[0]
 
 
 def _normalised(
     x: torch.Tensor,
-    norm: tuple[list[int], float],
+    norm: NormSpec,
     norm_params: tuple[torch.Tensor | None, ...],
     low: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,10 +147,10 @@ def _normalised(
 
 def _first_input_grads(
     grad: torch.Tensor | None,
-    kept: tuple[torch.Tensor, ...],
+    kept: Sequence[torch.Tensor],
     norm: Norm,
     norm_params: tuple[torch.Tensor | None, ...],
-    needs: tuple[bool, bool, bool],
+    needs: Sequence[bool],
     low: torch.dtype | None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for x and the norm's weight and bias from the gradient of the first linear's input."""
@@ -159,6 +159,23 @@ def _first_input_grads(
     x, mean, rstd = kept
     grad, x = _widened(grad, low), _widened(x, low)
     return tuple(torch.ops.aten.native_layer_norm_backward(grad, x, norm[0], mean, rstd, *norm_params, list(needs)))
+
+
+def _first_linear_grads(
+    ctx: Any,
+    grad: torch.Tensor,
+    kept: Sequence[torch.Tensor],
+    norm_params: tuple[torch.Tensor | None, ...],
+    weight: torch.Tensor,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients for x, the norm's weight and bias, and the first linear layer's weight and bias (`needs` in that
+    order) from the gradient of that layer's output; its input is recomputed only if its weight needs it."""
+    low, norm = ctx.low, ctx.norm
+    *needs_in, need_w, need_b = needs
+    x_in = functools.partial(_first_input_again, kept, norm, norm_params, low)
+    grad_in, grad_w, grad_b = _linear_grads(grad, x_in, weight, (any(needs_in), need_w, need_b), low)
+    return *_first_input_grads(grad_in, kept, norm, norm_params, needs_in, low), grad_w, grad_b
 
 
 class _Linear(torch.autograd.Function):
@@ -179,13 +196,8 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         *kept, norm_w, norm_b, weight = ctx.saved_tensors
-        low, norm, norm_params = ctx.low, ctx.norm, (norm_w, norm_b)
-        _, _, need_x, need_norm_w, need_norm_b, need_w, need_b = ctx.needs_input_grad
-        needs_in = (need_x, need_norm_w, need_norm_b)
-        x_in = functools.partial(_first_input_again, kept, norm, norm_params, low)
-        grad_in, grad_w, grad_b = _linear_grads(grad, x_in, weight, (any(needs_in), need_w, need_b), low)
-        grads_in = _first_input_grads(grad_in, kept, norm, norm_params, needs_in, low)
-        return None, None, *_cast((*grads_in, grad_w, grad_b), ctx.dtypes)
+        grads = _first_linear_grads(ctx, grad, kept, (norm_w, norm_b), weight, ctx.needs_input_grad[2:])
+        return None, None, *_cast(grads, ctx.dtypes)
 
 
 class _LeanMlp(torch.autograd.Function):
@@ -208,15 +220,11 @@ class _LeanMlp(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         *kept, hidden, norm_w, norm_b, w1, w2 = ctx.saved_tensors
-        low, norm, norm_params = ctx.low, ctx.norm, (norm_w, norm_b)
-        _, _, need_x, need_norm_w, need_norm_b, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        needs_in = (need_x, need_norm_w, need_norm_b)
-        grad_act, grad_w2, grad_b2 = _linear_grads(grad, lambda: F.gelu(hidden), w2, (True, need_w2, need_b2), low)
+        *needs_first, need_w2, need_b2 = ctx.needs_input_grad[2:]
+        grad_act, grad_w2, grad_b2 = _linear_grads(grad, lambda: F.gelu(hidden), w2, (True, need_w2, need_b2), ctx.low)
         grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # in bf16 under low=BF16, like autocast's GELU
-        x_in = functools.partial(_first_input_again, kept, norm, norm_params, low)
-        grad_in, grad_w1, grad_b1 = _linear_grads(grad_hidden, x_in, w1, (any(needs_in), need_w1, need_b1), low)
-        grads_in = _first_input_grads(grad_in, kept, norm, norm_params, needs_in, low)
-        return None, None, *_cast((*grads_in, grad_w1, grad_b1, grad_w2, grad_b2), ctx.dtypes)
+        grads = _first_linear_grads(ctx, grad_hidden, kept, (norm_w, norm_b), w1, needs_first)
+        return None, None, *_cast((*grads, grad_w2, grad_b2), ctx.dtypes)
 
 
 def conv2d_bf16(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

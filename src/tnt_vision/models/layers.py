@@ -134,7 +134,7 @@ class Mlp(nn.Module):
         lean, low = lean_path(self, x)
         if lean and self.fusable():
             return fused_mlp(x, self.fc1, self.fc2, low)
-        if onednn_path(self, x) and self.fusable():
+        if self.fusable() and onednn_path(self, x):  # the cheap test first
             return self.drop(self.fc2(onednn.linear(x, self.fc1.weight, self.fc1.bias, gelu=True)))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
