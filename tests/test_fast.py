@@ -7,9 +7,11 @@ FLOP counters and attention visualisation rely on. Parity with timm is in test_m
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -420,3 +422,20 @@ def test_onednn_leaves_inference_weights_unpacked() -> None:
     with torch.inference_mode():
         weight = torch.randn(4, 3)
     assert onednn.packed(weight, 2) is weight
+
+
+def test_time_breakdown_sorts_operators_into_products_attention_and_rest() -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "time_breakdown.py"
+    spec = importlib.util.spec_from_file_location("time_breakdown", script)
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    assert breakdown.kind("aten::addmm") == breakdown.kind("mkldnn::_linear_pointwise") == "products"
+    assert breakdown.kind("tnt_vision::word_attention_backward") == "attention"
+    assert breakdown.kind("aten::native_layer_norm") == "rest"
+    cfg = BenchConfig(model="tnt_ti_patch16_224", against=("timm",), batch=2, img_size=32)
+    medians = breakdown.breakdown(cfg, rounds=2)
+    for m in medians.values():
+        assert m["products"] > 0
+        assert m["attention"] > 0
+        assert m["rest"] >= 0  # the operators' self times lie inside the timed call
+    assert "bound with these products" in breakdown.report(cfg, medians, threads=1)
