@@ -3,18 +3,21 @@
     PYTHONPATH=src python benchmarks/time_breakdown.py --model tnt_s_patch16_224 --batch 32 --rounds 5
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 32 --train --rounds 3
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 1 --rounds 20
+    PYTHONPATH=src python benchmarks/time_breakdown.py --batch 32 --train --rounds 1 --shapes 12
 
 Each round profiles one call of each contender (interleaved, after an untimed warm-up call each) with
 torch.profiler and sorts the operators' self time into matrix products (GEMMs: linear layers, batched products),
 attention kernels (SDPA, softmax, tnt-vision's word attention) and the rest (wall time minus both). The
 medians are printed with the batch, dtype, threads and machine, then the bound they imply: timm's time over
 tnt-vision's time in products and attention is the most any implementation using these GEMMs could gain over
-timm, were all its other work free.
+timm, were all its other work free. With --shapes N, one more profiled call of each contender lists its N
+costliest matrix-product shapes with their GFLOP/s (the machine's GEMM rate for them).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -56,18 +59,40 @@ def profiled_call(step: Step, x: torch.Tensor) -> dict[str, float]:
     return {"total": wall} | spent
 
 
-def breakdown(cfg: BenchConfig, rounds: int) -> dict[str, dict[str, float]]:
-    """Median milliseconds per kind for each contender, calls interleaved round by round."""
-    with tempfile.TemporaryDirectory() as tmp:
-        steps = {name: build_step(name, cfg, Path(tmp)) for name in cfg.contenders}
-        inputs = make_inputs(cfg, cfg.batch)
-        for step in steps.values():
-            step(inputs[0])
-        calls: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
-        for r in range(rounds):
-            for name, step in steps.items():
-                calls[name].append(profiled_call(step, inputs[r % len(inputs)]))
+def breakdown(steps: dict[str, Step], inputs: list[torch.Tensor], rounds: int) -> dict[str, dict[str, float]]:
+    """Median milliseconds per kind for each contender, calls interleaved round by round after a warm-up."""
+    for step in steps.values():
+        step(inputs[0])
+    calls: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            calls[name].append(profiled_call(step, inputs[r % len(inputs)]))
     return {name: {k: statistics.median(c[k] for c in runs) for k in runs[0]} for name, runs in calls.items()}
+
+
+def product_shapes(step: Step, x: torch.Tensor, top: int) -> list[str]:
+    """The `top` matrix products of one call by time: operator, operand shapes, calls, ms and GFLOP/s."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step(x)
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key not in PRODUCTS or event.self_cpu_time_total == 0:
+            continue
+        a, b = matrices(event.key, event.input_shapes)
+        flops = 2 * math.prod(a) * b[-1] * event.count
+        ms = event.self_cpu_time_total / 1e3
+        rows.append((ms, f"{event.key} {a} x {b}: {event.count} calls, {ms:.1f} ms, {flops / ms / 1e6:.0f} GFLOP/s"))
+    return [line for _, line in sorted(rows, reverse=True)[:top]]
+
+
+def matrices(op: str, shapes: list[list[int]]) -> tuple[list[int], list[int]]:
+    """The two operands' shapes of a product (oneDNN's linear: input and (out, in) weight, as (in, out))."""
+    if op == "aten::addmm":
+        return shapes[1], shapes[2]
+    if op == "mkldnn::_linear_pointwise":
+        weight = next(shape for shape in shapes[1:] if len(shape) == 2)
+        return shapes[0], weight[::-1]
+    return shapes[0], shapes[1]
 
 
 def report(cfg: BenchConfig, medians: dict[str, dict[str, float]], threads: int) -> str:
@@ -94,14 +119,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tnt_s_patch16_224")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--shapes", type=int, default=0, help="also list the N costliest product shapes")
     args = parser.parse_args()
-    cfg = BenchConfig(model=args.model, against=("timm",), batch=args.batch, dtype=args.dtype, train=args.train)
+    setting = {"batch": args.batch, "img_size": args.img_size, "dtype": args.dtype, "train": args.train}
+    cfg = BenchConfig(model=args.model, against=("timm",), **setting)
     threads = set_threads(args.threads)
-    print(report(cfg, breakdown(cfg, args.rounds), threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = {name: build_step(name, cfg, Path(tmp)) for name in cfg.contenders}
+        inputs = make_inputs(cfg, cfg.batch)
+        print(report(cfg, breakdown(steps, inputs, args.rounds), threads))
+        for name, step in steps.items() if args.shapes else ():
+            print(f"{name}:", *product_shapes(step, inputs[0], args.shapes), sep="\n  ")
 
 
 if __name__ == "__main__":

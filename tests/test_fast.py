@@ -17,7 +17,15 @@ import pytest
 import torch
 
 from helpers import forward_backward, randomize_
-from tnt_vision.bench import BenchConfig, baseline_memory_mib, onnxruntime_options, peak_memory_mib, timm_equivalent
+from tnt_vision.bench import (
+    BenchConfig,
+    baseline_memory_mib,
+    build_step,
+    make_inputs,
+    onnxruntime_options,
+    peak_memory_mib,
+    timm_equivalent,
+)
 from tnt_vision.cli import main
 from tnt_vision.kernels import emulated_bf16, onednn
 from tnt_vision.models import create_model
@@ -424,7 +432,7 @@ def test_onednn_leaves_inference_weights_unpacked() -> None:
     assert onednn.packed(weight, 2) is weight
 
 
-def test_time_breakdown_sorts_operators_into_products_attention_and_rest() -> None:
+def test_time_breakdown_sorts_operators_into_products_attention_and_rest(tmp_path: Path) -> None:
     script = Path(__file__).parents[1] / "benchmarks" / "time_breakdown.py"
     spec = importlib.util.spec_from_file_location("time_breakdown", script)
     breakdown = importlib.util.module_from_spec(spec)
@@ -433,9 +441,14 @@ def test_time_breakdown_sorts_operators_into_products_attention_and_rest() -> No
     assert breakdown.kind("tnt_vision::word_attention_backward") == "attention"
     assert breakdown.kind("aten::native_layer_norm") == "rest"
     cfg = BenchConfig(model="tnt_ti_patch16_224", against=("timm",), batch=2, img_size=32)
-    medians = breakdown.breakdown(cfg, rounds=2)
+    steps = {name: build_step(name, cfg, tmp_path) for name in cfg.contenders}
+    inputs = make_inputs(cfg, cfg.batch)
+    medians = breakdown.breakdown(steps, inputs, rounds=2)
     for m in medians.values():
         assert m["products"] > 0
         assert m["attention"] > 0
         assert m["rest"] >= 0  # the operators' self times lie inside the timed call
     assert "bound with these products" in breakdown.report(cfg, medians, threads=1)
+    shapes = breakdown.product_shapes(steps["timm"], inputs[0], top=2)
+    assert len(shapes) == 2
+    assert all("GFLOP/s" in line for line in shapes)
