@@ -3,9 +3,10 @@
     PYTHONPATH=src python benchmarks/onednn_ab.py --batch 32 --rounds 8
     PYTHONPATH=src python benchmarks/onednn_ab.py --batch 1 --rounds 40
 
-Three contenders alternate forward passes on the same model and inputs (after one untimed warm-up round): plain
-linear layers, oneDNN's fused ones with the weights in their plain layout, and with the weights packed once in
-oneDNN's layout (the default); the medians are printed with the batch, threads and machine.
+Four contenders alternate forward passes on the same model and inputs (after one untimed warm-up round): plain
+linear layers, oneDNN's fused ones with the weights in their plain layout, with the weights packed once in
+oneDNN's layout (the default), and the same with the MLP's GELU as oneDNN's epilogue instead of ATen's GELU in
+place on the output (`onednn.GELU_EPILOGUE`); the medians are printed with the batch, threads and machine.
 """
 
 from __future__ import annotations
@@ -33,26 +34,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = create_model(args.model).eval()
     inputs = [torch.randn(args.batch, 3, 224, 224) for _ in range(2)]
-    with_onednn, with_packing = onednn.available, onednn.packed
+    defaults = onednn.available, onednn.packed, onednn.GELU_EPILOGUE
+    with_onednn, with_packing, _ = defaults
     switches = {
-        "plain linear layers": (lambda: False, with_packing),
-        "oneDNN, plain weights": (with_onednn, lambda weight, rows: weight),
-        "oneDNN, packed": (with_onednn, with_packing),
+        "plain linear layers": (lambda: False, with_packing, False),
+        "oneDNN, plain weights": (with_onednn, lambda weight, rows: weight, False),
+        "oneDNN, packed": (with_onednn, with_packing, False),
+        "oneDNN, GELU epilogue": (with_onednn, with_packing, True),
     }
     times: dict[str, list[float]] = {name: [] for name in switches}
     with torch.inference_mode():
         for i in range(args.rounds + 1):
-            for name, (onednn.available, onednn.packed) in switches.items():
+            for name, (onednn.available, onednn.packed, onednn.GELU_EPILOGUE) in switches.items():
                 start = time.perf_counter()
                 model(inputs[i % 2])
                 if i:  # round 0 warms up
                     times[name].append(time.perf_counter() - start)
-    onednn.available, onednn.packed = with_onednn, with_packing
+    onednn.available, onednn.packed, onednn.GELU_EPILOGUE = defaults
     cpu = platform.processor() or platform.machine()
     print(f"{args.model}, fp32, batch {args.batch}, {args.threads} threads, {cpu}, torch {torch.__version__}")
     for name, runs in times.items():
         median = statistics.median(runs)
-        print(f"{name:22s} median {median * 1e3:8.1f} ms  {args.batch / median:7.2f} images/s  ({len(runs)} runs)")
+        print(f"{name:23s} median {median * 1e3:8.1f} ms  {args.batch / median:7.2f} images/s  ({len(runs)} runs)")
 
 
 if __name__ == "__main__":

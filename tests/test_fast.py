@@ -211,6 +211,17 @@ def test_onednn_inference_matches_explicit_path(name: str, overrides: dict, monk
         assert calls["linear"] > 0
 
 
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_onednn_gelu_in_place_or_as_epilogue(epilogue: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not onednn.available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(onednn, "GELU_EPILOGUE", epilogue)
+    x, weight, bias = torch.randn(2, 7, 16) * 3, torch.randn(32, 16), torch.randn(32)
+    with torch.inference_mode():
+        expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
+        torch.testing.assert_close(onednn.linear(x, weight, bias, gelu=True), expected, atol=1e-5, rtol=0)
+
+
 def test_onednn_steps_aside() -> None:
     x = torch.randn(2, 16, 8)
     block = TransformerBlock(8, 2).eval()

@@ -2,7 +2,8 @@
 
 `F.linear` copies the bias into its output before the GEMM accumulates onto it, and the GELU after the MLP's
 first layer and the block's residual additions each read and write the activation once more. oneDNN's linear
-applies the bias, the GELU or the residual addition to each tile of the product while it is in cache. Same
+applies the bias or the residual addition to each tile of the product while it is in cache. Its exact-GELU
+epilogue, though, is slower than ATen's vectorised GELU run in place on the output (`GELU_EPILOGUE`). Same
 results up to the order of the GEMM's additions. Inference only (these operators have no autograd formula),
 fp32, CPU; off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
 
@@ -20,6 +21,12 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ENV_SWITCH, capturing_graph, switched_on
+
+# oneDNN's exact GELU as the GEMM's epilogue against ATen's GELU in place on the output: on the AVX2 development
+# machine the epilogue made TNT-S fp32 inference at batch 32 5-7% slower in all (3141 against 2985 ms, 3038
+# against 2841; TNT-Ti 1013 against 948, TNT-B at batch 8 1851 against 1744); `benchmarks/onednn_ab.py` compares
+# the two on other CPUs. True puts the GELU back into the oneDNN call.
+GELU_EPILOGUE = False
 
 
 @functools.cache
@@ -73,11 +80,12 @@ def _rows(x: torch.Tensor) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, followed by the exact GELU if asked, in one oneDNN call."""
+    """`F.linear(x, weight, bias)` in one oneDNN call, followed by the exact GELU if asked (see `GELU_EPILOGUE`)."""
     weight = packed(weight, _rows(x))
-    if gelu:
+    if gelu and GELU_EPILOGUE:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.aten.gelu_(out) if gelu else out
 
 
 def linear_add(
