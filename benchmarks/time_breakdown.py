@@ -1,4 +1,4 @@
-"""Where the time of a TNT forward (or training step) goes, tnt-vision against timm: matrix products, the rest.
+"""Where a TNT forward (or training step) spends its time, tnt-vision against timm: products, attention, the rest.
 
     PYTHONPATH=src python benchmarks/time_breakdown.py --model tnt_s_patch16_224 --batch 32 --rounds 5
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 32 --train --rounds 3
@@ -52,11 +52,11 @@ def profiled_call(step: Step, x: torch.Tensor) -> dict[str, float]:
         start = time.perf_counter()
         step(x)
         wall = (time.perf_counter() - start) * 1e3
-    spent = dict.fromkeys(KINDS, 0.0)
+    spent = {"products": 0.0, "attention": 0.0}
     for event in prof.key_averages():
-        spent[kind(event.key)] += event.self_cpu_time_total / 1e3
-    spent["rest"] = wall - spent["products"] - spent["attention"]
-    return {"total": wall} | spent
+        if (k := kind(event.key)) in spent:
+            spent[k] += event.self_cpu_time_total / 1e3
+    return {"total": wall, **spent, "rest": wall - sum(spent.values())}
 
 
 def breakdown(steps: dict[str, Step], inputs: list[torch.Tensor], rounds: int) -> dict[str, dict[str, float]]:
