@@ -12,12 +12,12 @@ place on the output (`onednn.GELU_EPILOGUE`); the medians are printed with the b
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from tnt_vision.bench import cpu_name
 from tnt_vision.kernels import onednn
 from tnt_vision.models import create_model
 
@@ -51,8 +51,7 @@ def main() -> None:
                 if i:  # round 0 warms up
                     times[name].append(time.perf_counter() - start)
     onednn.available, onednn.packed, onednn.GELU_EPILOGUE = defaults
-    cpu = platform.processor() or platform.machine()
-    print(f"{args.model}, fp32, batch {args.batch}, {args.threads} threads, {cpu}, torch {torch.__version__}")
+    print(f"{args.model}, fp32, batch {args.batch}, {args.threads} threads, {cpu_name()}, torch {torch.__version__}")
     for name, runs in times.items():
         median = statistics.median(runs)
         print(f"{name:23s} median {median * 1e3:8.1f} ms  {args.batch / median:7.2f} images/s  ({len(runs)} runs)")

@@ -5,7 +5,8 @@
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 1 --rounds 20
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 32 --train --rounds 1 --shapes 12
 
-Each round profiles one call of each contender (interleaved, after an untimed warm-up call each) with
+Each round profiles one call of each contender (`bench.interleaved_times`: after an untimed warm-up call each,
+the order rotated from round to round) with
 torch.profiler and sorts the operators' self time into matrix products (GEMMs: linear layers, batched products),
 attention kernels (SDPA, softmax, tnt-vision's word attention) and the rest (wall time minus both). The
 medians are printed with the batch, dtype, threads and machine, then the bound they imply: timm's time over
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tnt_vision.bench import BenchConfig, Step, build_step, cpu_name, make_inputs, set_threads
+from tnt_vision.bench import BenchConfig, Step, build_step, cpu_name, interleaved_times, make_inputs, set_threads
 
 PRODUCTS = (
     "aten::mm",
@@ -59,14 +60,9 @@ def profiled_call(step: Step, x: torch.Tensor) -> dict[str, float]:
     return {"total": wall, **spent, "rest": wall - sum(spent.values())}
 
 
-def breakdown(steps: dict[str, Step], inputs: list[torch.Tensor], rounds: int) -> dict[str, dict[str, float]]:
-    """Median milliseconds per kind for each contender, calls interleaved round by round after a warm-up."""
-    for step in steps.values():
-        step(inputs[0])
-    calls: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
-    for r in range(rounds):
-        for name, step in steps.items():
-            calls[name].append(profiled_call(step, inputs[r % len(inputs)]))
+def breakdown(steps: dict[str, Step], inputs: list[torch.Tensor], cfg: BenchConfig) -> dict[str, dict[str, float]]:
+    """Median milliseconds per kind for each contender: `cfg.runs` interleaved rounds after `cfg.warmup` calls."""
+    calls = interleaved_times(steps, inputs, cfg, measure=profiled_call)
     return {name: {k: statistics.median(c[k] for c in runs) for k in runs[0]} for name, runs in calls.items()}
 
 
@@ -127,12 +123,13 @@ def main() -> None:
     parser.add_argument("--shapes", type=int, default=0, help="also list the N costliest product shapes")
     args = parser.parse_args()
     setting = {"batch": args.batch, "img_size": args.img_size, "dtype": args.dtype, "train": args.train}
+    setting |= {"runs": args.rounds, "warmup": 1}
     cfg = BenchConfig(model=args.model, against=("timm",), **setting)
     threads = set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         steps = {name: build_step(name, cfg, Path(tmp)) for name in cfg.contenders}
         inputs = make_inputs(cfg, cfg.batch)
-        print(report(cfg, breakdown(steps, inputs, args.rounds), threads))
+        print(report(cfg, breakdown(steps, inputs, cfg), threads))
         for name, step in steps.items() if args.shapes else ():
             print(f"{name}:", *product_shapes(step, inputs[0], args.shapes), sep="\n  ")
 

@@ -451,10 +451,10 @@ def test_time_breakdown_sorts_operators_into_products_attention_and_rest(tmp_pat
     assert breakdown.kind("aten::addmm") == breakdown.kind("mkldnn::_linear_pointwise") == "products"
     assert breakdown.kind("tnt_vision::word_attention_backward") == "attention"
     assert breakdown.kind("aten::native_layer_norm") == "rest"
-    cfg = BenchConfig(model="tnt_ti_patch16_224", against=("timm",), batch=2, img_size=32)
+    cfg = BenchConfig(model="tnt_ti_patch16_224", against=("timm",), batch=2, img_size=32, runs=2, warmup=1)
     steps = {name: build_step(name, cfg, tmp_path) for name in cfg.contenders}
     inputs = make_inputs(cfg, cfg.batch)
-    medians = breakdown.breakdown(steps, inputs, rounds=2)
+    medians = breakdown.breakdown(steps, inputs, cfg)
     for m in medians.values():
         assert m["products"] > 0
         assert m["attention"] > 0

@@ -216,8 +216,14 @@ def make_inputs(cfg: BenchConfig, batch: int) -> list[torch.Tensor]:
     return [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=gen).to(cfg.device) for _ in range(cfg.rotate)]
 
 
-def interleaved_times(steps: dict[str, Step], inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, list]:
-    """Per-contender call times: warm-up, then rounds in which every contender runs once (order rotated)."""
+def interleaved_times(
+    steps: dict[str, Step],
+    inputs: Sequence[torch.Tensor],
+    cfg: BenchConfig,
+    measure: Callable[[Step, torch.Tensor], Any] | None = None,
+) -> dict[str, list]:
+    """Per-contender call times (or what `measure(step, x)` returns for each call): warm-up, then rounds in which
+    every contender runs once (order rotated)."""
     names = list(steps)
     for name in names:
         for i in range(cfg.warmup):
@@ -227,7 +233,8 @@ def interleaved_times(steps: dict[str, Step], inputs: Sequence[torch.Tensor], cf
     for r in tqdm(range(cfg.runs), desc=f"timing batch {inputs[0].shape[0]}", leave=False):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            times[name].append(time_call(steps[name], inputs[r % len(inputs)], cfg.device))
+            x = inputs[r % len(inputs)]
+            times[name].append(measure(steps[name], x) if measure else time_call(steps[name], x, cfg.device))
     return times
 
 
