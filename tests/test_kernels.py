@@ -239,8 +239,9 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
     assert res.returncode == 0, res.stderr[-3000:]
     diffs = json.loads(out.read_text())
     for name in triton_interpreter_worker.BLOCKS:
-        assert diffs[name] <= 1e-5, (name, diffs[name])  # exact fp32 products
-        assert diffs[f"{name}_bf16"] <= 3e-2, (name, diffs[f"{name}_bf16"])
+        for variant in triton_interpreter_worker.VARIANTS:
+            assert diffs[f"{name}_{variant}"] <= 1e-5, (name, variant, diffs)  # exact fp32 products
+            assert diffs[f"{name}_{variant}_bf16"] <= 3e-2, (name, variant, diffs)
     for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
         assert diffs[name] <= 1e-5, (name, diffs[name])
     assert diffs["kernel_calls"] == 12  # 3 models x 2 inner blocks x 2 forward passes: the kernel did the work
@@ -299,13 +300,45 @@ def test_a_kernel_that_fails_or_disagrees_is_switched_off_with_one_warning(monke
 
 def test_the_switch_keeps_the_interpreted_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
     words = torch.randn(4, 16, 24)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(inner_block, "INTERPRETING", True)  # as if TRITON_INTERPRET=1 at import
     assert inner_block.inner_block_applies(words) == (inner_block.triton is not None)
     monkeypatch.setenv(inner_block.ENV_SWITCH, "0")
     assert not inner_block.inner_block_applies(words)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or inner_block.triton is None, reason="needs a CUDA GPU and triton")
+needs_gpu_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() or inner_block.triton is None, reason="needs a CUDA GPU and triton"
+)
+
+
+TNT_S_WORDS = (24, 4, 16, False)  # width, heads, words, qkv bias
+GPU_CASES = [(True, config, TNT_S_WORDS) for config in inner_block.EXACT_CONFIGS]
+GPU_CASES += [(False, config, TNT_S_WORDS) for config in inner_block.CONFIGS]
+GPU_CASES += [(exact, (32 if exact else 64, batched, 4), shape) for exact in (True, False) for batched in (False, True)
+              for shape in ((40, 4, 16, True), (24, 4, 9, False))]  # fmt: skip
+
+
+@needs_gpu_triton
+@pytest.mark.parametrize(("exact", "config", "shape"), GPU_CASES)
+def test_every_gpu_configuration_matches_the_plain_block(exact: bool, config: tuple, shape: tuple) -> None:
+    """Each configuration the autotuner may pick, against the plain block in float64 (odd sentence counts leave the
+    last program part-filled; nine words leave padded rows)."""
+    width, heads, words, qkv_bias = shape
+    block = triton_interpreter_worker.perturbed_block(width, heads, qkv_bias).cuda()
+    x = torch.randn(1001, words, width, device="cuda")
+    with torch.no_grad():
+        reference = block.double().plain_forward(x.double())
+        dtype = torch.float32 if exact else torch.bfloat16
+        out = inner_block.inner_block(block.to(dtype), x.to(dtype), exact=exact, config=config)
+        plain = block.plain_forward(x.to(dtype))
+
+    def error(y: torch.Tensor) -> float:
+        return ((y.double() - reference).norm() / reference.norm()).item()
+
+    assert error(out) <= max(2 * error(plain), 1e-6), (error(out), error(plain))  # bf16: about the plain path's
+
+
+@needs_gpu_triton
 @pytest.mark.parametrize("mode", ["fp32", "bf16_autocast", "bf16_weights"])
 def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None:
     model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda().eval()

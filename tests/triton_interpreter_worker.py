@@ -4,6 +4,7 @@ plain `TransformerBlock`, block by block (differences relative to the output's s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -31,7 +32,11 @@ def perturbed_block(width: int, heads: int, qkv_bias: bool) -> TransformerBlock:
     return block
 
 
+VARIANTS = {"masked": (64, False, 4), "batched": (128, True, 4)}  # the two attention layouts of ib.CONFIGS
+
+
 def block_differences() -> dict[str, float]:
+    """Every block in both attention layouts, fp32 (exact products) and bf16 (bf16 operands)."""
     diffs = {}
     for name, (width, heads, words, qkv_bias, sentences) in BLOCKS.items():
         block = perturbed_block(width, heads, qkv_bias)
@@ -39,9 +44,12 @@ def block_differences() -> dict[str, float]:
         with torch.no_grad():
             reference = block.plain_forward(x)
             scale = max(1.0, reference.abs().max().item())
-            diffs[name] = (ib.inner_block(block, x) - reference).abs().max().item() / scale
-            low = ib.inner_block(block.bfloat16(), x.bfloat16(), exact=False)
-            diffs[f"{name}_bf16"] = (low.float() - reference).abs().max().item() / scale
+            low_block = copy.deepcopy(block).bfloat16()
+            for variant, config in VARIANTS.items():
+                out = ib.inner_block(block, x, config=config)
+                diffs[f"{name}_{variant}"] = (out - reference).abs().max().item() / scale
+                low = ib.inner_block(low_block, x.bfloat16(), exact=False, config=config)
+                diffs[f"{name}_{variant}_bf16"] = (low.float() - reference).abs().max().item() / scale
     return diffs
 
 

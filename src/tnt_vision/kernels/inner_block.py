@@ -6,10 +6,13 @@ residuals), each reading and writing the whole (B*N, m, c) activation. Here one 
 sentences once, keeps them in registers through the whole block, and writes the block's output: the weights
 (about 7k numbers) come from the L2 cache.
 
-Layout of one program: R = sentences x M_PAD rows (row r is word r % M_PAD of sentence r // M_PAD), C_PAD columns.
-Attention of all R rows at once with a same-sentence mask costs R^2 scores instead of m^2 per sentence, which
-keeps every product a `tl.dot` of at least 16x16 (what GPU matrix units need). Each head is the product over all
-columns with the other heads' columns zeroed, so no tensor is sliced.
+Layout of one program: R = sentences x M_PAD rows (row r is word r % M_PAD of sentence r // M_PAD), C_PAD columns,
+M_PAD >= 16 and every product a `tl.dot` (what GPU matrix units need). Each head is the product over all columns
+with the other heads' columns zeroed, so no tensor is sliced. Attention comes in two layouts: all R rows against
+all R with a same-sentence mask (R^2 scores per head, 2-D products), or each sentence against itself (M_PAD^2
+scores, batched 3-D products). Which layout, how many rows per program and how many warps is left to Triton's
+autotuner, per GPU and shape (`CONFIGS`). Products take exact fp32 operands for fp32 activations (the 1e-5 of
+the plain path) and bf16 operands under autocast or for bf16 weights, as the plain path's products do.
 
 Forward only, without dropout: training takes the plain path.
 """
@@ -33,8 +36,13 @@ except ImportError:  # triton ships with PyTorch's Linux wheels only
     triton = None
 
 ENV_SWITCH = "TNT_VISION_GPU_KERNELS"  # "0": never use the kernel
-ROWS = 64  # rows (words) per program
+MAX_WORDS = 64  # longest sentence served (TNT: 16 words)
 MAX_WIDTH = 128  # widest inner transformer served (TNT-S: 24, TNT-B: 40)
+# What the autotuner picks from on each GPU, per shape: (rows per program, batched attention, warps per program).
+# Exact fp32 products run on the plain FP32 units and need many registers: only the smallest tiles pay there.
+CONFIGS = ((64, False, 4), (128, False, 8), (64, True, 4), (128, True, 4), (128, True, 8), (256, True, 8))
+EXACT_CONFIGS = ((32, False, 4), (32, True, 4))
+INTERPRETER_CONFIG = (64, True, 4)  # Triton's interpreter cannot time configurations
 
 
 @functools.cache
@@ -42,14 +50,28 @@ def triton_available() -> bool:
     return triton is not None and torch.cuda.is_available() and switched_on(ENV_SWITCH)
 
 
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton itself does at import
+
 if triton is not None:
+    _EMULATE_BF16 = tl.constexpr(INTERPRETING)  # a jit function reads module globals only as constexpr
 
     @triton.jit
     def _dot(a, b, EXACT: tl.constexpr):
-        """a @ b of fp32 blocks: exact products for fp32 activations, TF32 (finer than bf16) for 16-bit ones."""
+        """a @ b (2-D or batched 3-D) with fp32 accumulation: exact fp32 products for fp32 activations, bf16 operands
+        (what autocast gives the plain path's products) otherwise. Triton's interpreter multiplies bf16 blocks
+        wrongly (and truncates to bf16), so there the operands, rounded to bf16, are multiplied in fp32."""
         if EXACT:
             return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b, input_precision="tf32")
+        if _EMULATE_BF16:
+            return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+    @triton.jit
+    def _round_bf16(x):
+        """fp32 rounded to the nearest bf16 (ties to even), as the GPU converts, kept in fp32."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _layer_norm(x, w_ptr, b_ptr, cols, WIDTH: tl.constexpr, eps):
@@ -72,15 +94,58 @@ if triton is not None:
         return tl.load(b_ptr + ROW0 + idx, mask=idx < OUT, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _softmax(scores, axis: tl.constexpr):
+        p = tl.exp(scores - tl.expand_dims(tl.max(scores, axis=axis), axis))
+        return p / tl.expand_dims(tl.sum(p, axis=axis), axis)
+
+    @triton.jit
+    def _attention_masked(
+        q, k, v, rows, cols,
+        WORDS: tl.constexpr, WIDTH: tl.constexpr, HEADS: tl.constexpr, M_PAD: tl.constexpr, ROWS: tl.constexpr,
+        EXACT: tl.constexpr,
+    ):  # fmt: skip
+        """All R rows against all R rows, scores across sentences masked out: R^2 scores per head, 2-D products."""
+        HEAD_DIM: tl.constexpr = WIDTH // HEADS
+        word = rows % M_PAD
+        same = ((rows // M_PAD)[:, None] == (rows // M_PAD)[None, :]) & (word < WORDS)[None, :]
+        attended = tl.zeros(q.shape, dtype=tl.float32)
+        for head in tl.static_range(HEADS):
+            in_head = ((cols // HEAD_DIM) == head) & (cols < WIDTH)
+            scores = _dot(tl.where(in_head[None, :], q, 0.0), tl.trans(k), EXACT)
+            p = _softmax(tl.where(same, scores, -1.0e30), 1)
+            attended += _dot(p, tl.where(in_head[None, :], v, 0.0), EXACT)
+        return attended
+
+    @triton.jit
+    def _attention_batched(
+        q, k, v, cols,
+        WORDS: tl.constexpr, WIDTH: tl.constexpr, HEADS: tl.constexpr, M_PAD: tl.constexpr, ROWS: tl.constexpr,
+        EXACT: tl.constexpr,
+    ):  # fmt: skip
+        """Each sentence's M_PAD rows against its own: batched 3-D products, M_PAD^2 scores per sentence and head."""
+        HEAD_DIM: tl.constexpr = WIDTH // HEADS
+        C_PAD: tl.constexpr = q.shape[1]
+        S: tl.constexpr = ROWS // M_PAD
+        key_ok = tl.arange(0, M_PAD) < WORDS
+        k3 = tl.permute(tl.reshape(k, (S, M_PAD, C_PAD)), (0, 2, 1))
+        attended = tl.zeros((S, M_PAD, C_PAD), dtype=tl.float32)
+        for head in tl.static_range(HEADS):
+            in_head = ((cols // HEAD_DIM) == head) & (cols < WIDTH)
+            qh = tl.reshape(tl.where(in_head[None, :], q, 0.0), (S, M_PAD, C_PAD))
+            vh = tl.reshape(tl.where(in_head[None, :], v, 0.0), (S, M_PAD, C_PAD))
+            p = _softmax(tl.where(key_ok[None, None, :], _dot(qh, k3, EXACT), -1.0e30), 2)
+            attended += _dot(p, vh, EXACT)
+        return tl.reshape(attended, (ROWS, C_PAD))
+
+    @triton.jit
     def _inner_block_kernel(
-        x_ptr, out_ptr, sentences,
+        x_ptr, out_ptr, sentences, size_class,
         n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b,
         eps1, eps2, scale,
         WORDS: tl.constexpr, WIDTH: tl.constexpr, HEADS: tl.constexpr, HIDDEN: tl.constexpr,
         M_PAD: tl.constexpr, C_PAD: tl.constexpr, H_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-        HAS_QKV_BIAS: tl.constexpr, EXACT: tl.constexpr,
+        HAS_QKV_BIAS: tl.constexpr, EXACT: tl.constexpr, BATCHED: tl.constexpr,
     ):  # fmt: skip
-        HEAD_DIM: tl.constexpr = WIDTH // HEADS
         rows = tl.arange(0, ROWS)
         cols = tl.arange(0, C_PAD)
         sentence = tl.program_id(0) * (ROWS // M_PAD) + rows // M_PAD
@@ -100,15 +165,10 @@ if triton is not None:
             q += _bias(qkv_b, cols, WIDTH, 0)[None, :]
             k += _bias(qkv_b, cols, WIDTH, WIDTH)[None, :]
             v += _bias(qkv_b, cols, WIDTH, 2 * WIDTH)[None, :]
-        same = ((rows // M_PAD)[:, None] == (rows // M_PAD)[None, :]) & (word < WORDS)[None, :]
-        attended = tl.zeros((ROWS, C_PAD), dtype=tl.float32)
-        for head in tl.static_range(HEADS):
-            in_head = (cols // HEAD_DIM == head) & col_ok
-            scores = _dot(tl.where(in_head[None, :], q * scale, 0.0), tl.trans(k), EXACT)
-            scores = tl.where(same, scores, -1.0e30)
-            p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-            p = p / tl.sum(p, axis=1)[:, None]
-            attended += _dot(p, tl.where(in_head[None, :], v, 0.0), EXACT)
+        if BATCHED:
+            attended = _attention_batched(q * scale, k, v, cols, WORDS, WIDTH, HEADS, M_PAD, ROWS, EXACT)
+        else:
+            attended = _attention_masked(q * scale, k, v, rows, cols, WORDS, WIDTH, HEADS, M_PAD, ROWS, EXACT)
         x += _dot(attended, _weight_t(proj_w, cols, cols, WIDTH, WIDTH, 0), EXACT)
         x += _bias(proj_b, cols, WIDTH, 0)[None, :]
 
@@ -129,42 +189,61 @@ if triton is not None:
         x += mlp + _bias(fc2_b, cols, WIDTH, 0)[None, :]
         tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=io_mask)
 
+    def _autotuned(configs: tuple[tuple[int, bool, int], ...]) -> Any:
+        # size_class (the sentence count's bit length) is unused by the kernel: it keys a new tuning per batch scale
+        return triton.autotune(
+            [triton.Config({"ROWS": rows, "BATCHED": batched}, num_warps=warps) for rows, batched, warps in configs],
+            key=["size_class", "WORDS", "WIDTH", "HEADS", "HIDDEN"],
+        )(_inner_block_kernel)
+
+    _TUNED = {True: _autotuned(EXACT_CONFIGS), False: _autotuned(CONFIGS)}  # by `exact`
+
 
 def _pow2(n: int, at_least: int = 16) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
 def inner_block_fits(words: int, width: int, heads: int) -> bool:
-    return words <= ROWS and width <= MAX_WIDTH and width % heads == 0
+    return words <= MAX_WORDS and width <= MAX_WIDTH and width % heads == 0
 
 
-def inner_block(block: Any, x: torch.Tensor, *, exact: bool = True) -> torch.Tensor:
+def inner_block(
+    block: Any, x: torch.Tensor, *, exact: bool = True, config: tuple[int, bool, int] | None = None
+) -> torch.Tensor:
     """One `TransformerBlock` (pre-norm, GELU MLP, no SE) over (sentences, words, width), in one launch.
 
     With `TRITON_INTERPRET=1` in the environment when this module is imported, Triton's interpreter runs it on
     CPU tensors (slowly; that is how the tests check it where no GPU is present). `exact=False` lets the
-    products use TF32 (for 16-bit activations, or under autocast).
+    products take bf16 operands (for 16-bit activations, or under autocast). `config` (rows per program,
+    batched attention, warps) fixes what the autotuner would otherwise choose among `CONFIGS` on a GPU.
     """
     if triton is None:
         raise RuntimeError("the fused inner block needs triton")
     sentences, words, width = x.shape
     attn, mlp = block.attn, block.mlp
     if not inner_block_fits(words, width, attn.num_heads):
-        raise ValueError(f"the fused inner block serves at most {ROWS} words of width <= {MAX_WIDTH}")
+        raise ValueError(f"the fused inner block serves at most {MAX_WORDS} words of width <= {MAX_WIDTH}")
     x = x.contiguous()
     out = torch.empty_like(x)
-    m_pad = _pow2(words, at_least=1)
-    params = [p.detach().contiguous() for p in _parameters(block)]
-    qkv_bias = attn.qkv.bias
-    grid = (triton.cdiv(sentences, ROWS // m_pad),)
-    _inner_block_kernel[grid](
-        x, out, sentences, *params,
-        block.norm1.eps, block.norm2.eps, attn.scale,
-        WORDS=words, WIDTH=width, HEADS=attn.num_heads, HIDDEN=mlp.fc1.out_features,
-        M_PAD=m_pad, C_PAD=_pow2(width), H_BLOCK=32, ROWS=ROWS,
-        HAS_QKV_BIAS=qkv_bias is not None, EXACT=exact,
-    )  # fmt: skip
+    m_pad = _pow2(words)  # a sentence's rows: at least 16, the smallest side of a matrix-unit product
+    args = (x, out, sentences, sentences.bit_length(), *[p.detach().contiguous() for p in _parameters(block)])
+    args += (block.norm1.eps, block.norm2.eps, attn.scale)
+    shape = {"WORDS": words, "WIDTH": width, "HEADS": attn.num_heads, "HIDDEN": mlp.fc1.out_features}
+    shape |= {"M_PAD": m_pad, "C_PAD": _pow2(width), "H_BLOCK": 32, "HAS_QKV_BIAS": attn.qkv.bias is not None}
+    config = config or (None if x.is_cuda else INTERPRETER_CONFIG)
+    if config is None:
+        _TUNED[exact][lambda meta: (triton.cdiv(sentences, meta["ROWS"] // m_pad),)](*args, **shape, EXACT=exact)
+    else:
+        rows, batched, warps = config
+        grid = (triton.cdiv(sentences, rows // m_pad),)
+        _inner_block_kernel[grid](*args, **shape, EXACT=exact, ROWS=rows, BATCHED=batched, num_warps=warps)
     return out
+
+
+def tuned_config(exact: bool) -> tuple[int, bool, int] | None:
+    """The configuration the autotuner chose last for exact or bf16 products (None before its first GPU call)."""
+    best = getattr(_TUNED[exact], "best_config", None) if triton is not None else None
+    return None if best is None else (best.kwargs["ROWS"], best.kwargs["BATCHED"], best.num_warps)
 
 
 def _parameters(block: Any) -> list[torch.Tensor]:
@@ -182,8 +261,7 @@ def inner_block_applies(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return triton_available()
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and switched_on(ENV_SWITCH)
-    return x.device.type == "cpu" and triton is not None and interpreting
+    return x.device.type == "cpu" and triton is not None and INTERPRETING and switched_on(ENV_SWITCH)
 
 
 # Per (device, dtype, shape) configuration: True once the kernel matched the plain path, False after a failure.

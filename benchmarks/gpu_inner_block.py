@@ -1,0 +1,131 @@
+"""The fused Triton inner block (`tnt_vision.kernels.inner_block`) on a GPU: per configuration, and in the model.
+
+    PYTHONPATH=src python benchmarks/gpu_inner_block.py --batch 256 --out inner_block.json
+
+1. One inner block at the shape of a whole batch (batch x 196 sentences of 16 words): the plain block, the
+   autotuned kernel (and the configuration it chose), and every configuration it chooses from, in bf16 autocast
+   and fp32. Median of CUDA-event timings (`triton.testing.do_bench`), inputs rotated; with the bytes the kernel
+   must move (the words in and out, once) over a device-to-device copy's bandwidth measured here, as its floor.
+2. The whole model's inference with the kernel and without it (`TNT_VISION_GPU_KERNELS`), against timm's TNT:
+   contenders interleaved round by round (`bench.interleaved_times`), medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from triton.testing import do_bench
+
+from tnt_vision.bench import BenchConfig, build_module, interleaved_times, make_inputs
+from tnt_vision.io import atomic_write
+from tnt_vision.kernels import inner_block as ib
+from tnt_vision.models import create_model
+
+PATCHES = 196  # 224 / 16 squared
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.empty(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src)) / 1e3)
+
+
+def rotating(inputs: list[torch.Tensor], fn: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+    state = {"i": 0}
+
+    def call() -> object:
+        state["i"] += 1
+        return fn(inputs[state["i"] % len(inputs)])
+
+    return call
+
+
+def block_times(model: str, batch: int, dtype: str, bandwidth: float) -> dict[str, Any]:
+    """One inner block over a batch's sentences: plain, autotuned, each configuration (ms, medians)."""
+    block = create_model(model).blocks[0].inner.cuda().eval()
+    width, words = block.norm1.normalized_shape[0], 16
+    inputs = [torch.randn(batch * PATCHES, words, width, device="cuda") for _ in range(3)]
+    exact = dtype == "fp32"
+    autocast = nullcontext() if exact else torch.autocast("cuda", torch.bfloat16)
+    configs = ib.EXACT_CONFIGS if exact else ib.CONFIGS
+    with torch.inference_mode(), autocast:
+        result = {"plain": median_ms(rotating(inputs, block.plain_forward))}
+        result["autotuned"] = median_ms(rotating(inputs, lambda x: ib.inner_block(block, x, exact=exact)))
+        result["chosen"] = ib.tuned_config(exact)
+        for config in configs:
+            kernel = rotating(inputs, lambda x, c=config: ib.inner_block(block, x, exact=exact, config=c))
+            result[f"config {config}"] = median_ms(kernel)
+    floor_bytes = 2 * inputs[0].numel() * inputs[0].element_size()
+    result["floor_ms"] = floor_bytes / bandwidth * 1e3
+    return {"model": model, "dtype": dtype, "sentences": batch * PATCHES, "width": width, **result}
+
+
+def set_kernel(on: bool) -> None:
+    os.environ[ib.ENV_SWITCH] = "1" if on else "0"
+    ib.triton_available.cache_clear()
+
+
+def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]:
+    """Inference of the whole model: ours with and without the kernel, timm's TNT (ms per batch, medians)."""
+    cfg = BenchConfig(model=model, batch=batch, dtype=dtype, runs=runs, warmup=3, device="cuda")
+    ours = create_model(model).cuda().eval()
+    timm_model = build_module("timm", model, 224).cuda().eval()
+    autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def forward(module: torch.nn.Module, kernel: bool) -> Callable[[torch.Tensor], object]:
+        def step(x: torch.Tensor) -> object:
+            set_kernel(kernel)
+            with torch.inference_mode(), autocast:
+                return module(x)
+
+        return step
+
+    steps = {"ours, fused kernel": forward(ours, True), "ours, plain": forward(ours, False)}
+    steps["timm TNT"] = forward(timm_model, False)
+    times = interleaved_times(steps, make_inputs(cfg, batch), cfg)
+    set_kernel(True)
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {"model": model, "dtype": dtype, "batch": batch, "ms": medians}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["tnt_s_patch16_224"])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32"))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_inner_block.json"))
+    args = p.parse_args()
+    if not torch.cuda.is_available() or ib.triton is None:
+        raise SystemExit("needs a CUDA GPU and triton")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report |= {"copy_GB_per_s": bandwidth / 1e9, "blocks": [], "models": []}
+    print(f"{report['gpu']}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    for model in args.models:
+        for dtype in args.dtypes:
+            row = block_times(model, args.batch, dtype, bandwidth)
+            report["blocks"].append(row)
+            print(json.dumps(row))
+            row = model_times(model, args.batch, dtype, args.runs)
+            report["models"].append(row)
+            print(json.dumps(row))
+    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+
+
+if __name__ == "__main__":
+    main()
