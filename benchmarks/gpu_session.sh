@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one run, most important first, within a time budget (seconds, default 400):
-# the fused inner block per configuration and in the model, the GPU tests, then the README's GPU table (TNT-S
-# bf16 batch 256 eager: inference, training with peak memory, fp32 inference; TNT-Ti/B; compiled inference).
+# the words' attention and training step, the GPU tests, the README's GPU table (TNT-S bf16 batch 256 eager:
+# inference, fp32 inference, training with peak memory; compiled inference; TNT-Ti/B), the fused block alone.
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #
@@ -35,11 +35,13 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
     table="python3 benchmarks/perf_table.py --device cuda --batch 256 --runs 10 --warmup 3"
-    step 120 40 python3 benchmarks/gpu_inner_block.py --batch 256 --out "$RES/gpu_inner_block.json"
-    step 150 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu
+    step 120 40 python3 benchmarks/gpu_short_attention.py --batch 256 --out "$RES/gpu_short_attention.json"
+    step 200 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu
     step 120 40 $table --models tnt_s_patch16_224 --settings bf16-infer fp32-infer --no-memory --out "$RES/eager"
     step 120 50 $table --models tnt_s_patch16_224 --settings bf16-train --out "$RES/train"
-    step 90 40 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-infer --no-memory --out "$RES/tib"
     step 200 100 $table --models tnt_s_patch16_224 --settings bf16-infer --no-memory --compile --out "$RES/compiled"
+    step 120 40 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-infer bf16-train --no-memory \
+        --out "$RES/tib"
+    step 120 40 python3 benchmarks/gpu_inner_block.py --batch 256 --out "$RES/gpu_inner_block.json"
     echo "== done in $((SECONDS - START))s"
 } 2>&1 | tee "$OUT/log.txt"

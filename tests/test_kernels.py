@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -244,7 +245,8 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
             assert diffs[f"{name}_{variant}_bf16"] <= 3e-2, (name, variant, diffs)
     for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
         assert diffs[name] <= 1e-5, (name, diffs[name])
-    assert diffs["kernel_calls"] == 12  # 3 models x 2 inner blocks x 2 forward passes: the kernel did the work
+    assert diffs["compiled"] <= 1e-5
+    assert diffs["kernel_calls"] == 14  # 3 models x 2 inner blocks x 2 passes, and compiled TNT-S's 2 blocks
 
 
 def test_inner_block_steps_aside_on_the_cpu_in_training_and_with_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,27 +277,37 @@ def test_a_kernel_that_fails_or_disagrees_is_switched_off_with_one_warning(monke
     monkeypatch.setattr(inner_block, "_CHECKED", {})
     calls = []
 
-    def wrong(block: torch.nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    def wrong(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         calls.append(1)
         return x + 1
 
-    monkeypatch.setattr(inner_block, "inner_block", wrong)
+    monkeypatch.setattr(inner_block, "_launch", wrong)
     with pytest.warns(RuntimeWarning, match="differs from the plain path"):
-        first = inner_block.checked_inner_block(block, words, block.plain_forward)
+        first = inner_block.fused_block(block, words)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = inner_block.checked_inner_block(block, words, block.plain_forward)
+        second = inner_block.fused_block(block, words)
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)
     assert len(calls) == 1  # not tried again for this configuration
 
-    def failing(block: torch.nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    def failing(*args: object, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("PTX compile failed\nlong details")
 
-    monkeypatch.setattr(inner_block, "inner_block", failing)
+    monkeypatch.setattr(inner_block, "_launch", failing)
     with pytest.warns(RuntimeWarning, match=r"off \(RuntimeError: PTX compile failed\); using the plain path"):
-        out = inner_block.checked_inner_block(block, words.double(), block.double().plain_forward)
+        out = inner_block.fused_block(block.double(), words.double())
     torch.testing.assert_close(out, block.plain_forward(words.double()))
+
+
+def test_reference_block_is_the_plain_block() -> None:
+    """The kernel's check and fallback (`reference_block`) compute what `TransformerBlock.plain_forward` does."""
+    for width, heads, qkv_bias in ((24, 4, False), (40, 4, True)):
+        block = triton_interpreter_worker.perturbed_block(width, heads, qkv_bias).double()
+        words = torch.randn(6, 16, width, dtype=torch.float64)
+        with torch.no_grad():
+            reference = inner_block.reference_block(words, *inner_block.block_arguments(block))
+            torch.testing.assert_close(reference, block.plain_forward(words), rtol=1e-12, atol=1e-12)
 
 
 def test_the_switch_keeps_the_interpreted_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -355,3 +367,42 @@ def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None
     assert any(key[0].type == "cuda" and ok for key, ok in inner_block._CHECKED.items())
     tolerance = 3e-2 * reference.abs().max().item() if autocast else 1e-4
     assert (fast - reference).abs().max().item() <= tolerance
+
+
+@needs_gpu_triton
+@pytest.mark.xfail(reason="H200, torch 2.11: the compiled model ran without the kernel (0 launches); cause not found")
+def test_compiled_model_on_the_gpu_keeps_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator in the graph Dynamo captures, then launched by Inductor's compiled code (the CPU twin of this
+    check, under Triton's interpreter, passes: `test_triton_inner_block_matches_plain_block_under_the_interpreter`)."""
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda().eval()
+    x = torch.randn(5, 3, 64, 64, device="cuda")
+    graphs = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    calls = []
+    launch = inner_block._launch
+    monkeypatch.setattr(inner_block, "_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        with fused_attention(False):
+            reference = model(x).float()
+        torch.compile(model, backend=recording, fullgraph=True)(x)
+        assert any("tnt_vision.inner_block" in target for target in graphs[0]), sorted(graphs[0])
+        calls.clear()
+        compiled = torch.compile(model, fullgraph=True)(x).float()
+    assert len(calls) == 2  # one per inner block, inside the compiled graph
+    assert (compiled - reference).abs().max().item() <= 3e-2 * reference.abs().max().item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_short_word_attention_on_the_gpu_matches_sdpa_with_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Explicit products for the words' attention (`layers.short_on_gpu`) against the fused attention kernels."""
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda()
+    x = torch.randn(5, 3, 64, 64, device="cuda")
+    explicit = forward_backward(model, x)
+    monkeypatch.setattr(tnt_layers, "SHORT_SEQUENCE", 0)
+    fused = forward_backward(model, x)
+    for a, b in zip(explicit, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

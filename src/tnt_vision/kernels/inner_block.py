@@ -22,10 +22,10 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from . import switched_on
 
@@ -45,6 +45,7 @@ EXACT_CONFIGS = ((32, False, 4), (32, True, 4))
 INTERPRETER_CONFIG = (64, True, 4)  # Triton's interpreter cannot time configurations
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads the answer once
 @functools.cache
 def triton_available() -> bool:
     return triton is not None and torch.cuda.is_available() and switched_on(ENV_SWITCH)
@@ -210,26 +211,49 @@ def inner_block_fits(words: int, width: int, heads: int) -> bool:
 def inner_block(
     block: Any, x: torch.Tensor, *, exact: bool = True, config: tuple[int, bool, int] | None = None
 ) -> torch.Tensor:
-    """One `TransformerBlock` (pre-norm, GELU MLP, no SE) over (sentences, words, width), in one launch.
+    """One `TransformerBlock` (pre-norm, GELU MLP, no SE) over (sentences, words, width), in one launch, unchecked.
 
     With `TRITON_INTERPRET=1` in the environment when this module is imported, Triton's interpreter runs it on
     CPU tensors (slowly; that is how the tests check it where no GPU is present). `exact=False` lets the
     products take bf16 operands (for 16-bit activations, or under autocast). `config` (rows per program,
     batched attention, warps) fixes what the autotuner would otherwise choose among `CONFIGS` on a GPU.
     """
+    return _launch(x, *block_arguments(block), exact=exact, config=config)
+
+
+def block_arguments(block: Any) -> tuple[list[torch.Tensor], torch.Tensor | None, int, list[float]]:
+    """What the kernel takes of a `TransformerBlock`: weights, q/k/v bias, heads, LayerNorm epsilons."""
+    attn, mlp = block.attn, block.mlp
+    weights = [
+        block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.proj.weight, attn.proj.bias,
+        block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+    ]  # fmt: skip
+    return weights, attn.qkv.bias, attn.num_heads, [block.norm1.eps, block.norm2.eps]
+
+
+def _launch(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    qkv_bias: torch.Tensor | None,
+    heads: int,
+    eps: list[float],
+    *,
+    exact: bool,
+    config: tuple[int, bool, int] | None = None,
+) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("the fused inner block needs triton")
     sentences, words, width = x.shape
-    attn, mlp = block.attn, block.mlp
-    if not inner_block_fits(words, width, attn.num_heads):
+    if not inner_block_fits(words, width, heads):
         raise ValueError(f"the fused inner block serves at most {MAX_WORDS} words of width <= {MAX_WIDTH}")
     x = x.contiguous()
     out = torch.empty_like(x)
     m_pad = _pow2(words)  # a sentence's rows: at least 16, the smallest side of a matrix-unit product
-    args = (x, out, sentences, sentences.bit_length(), *[p.detach().contiguous() for p in _parameters(block)])
-    args += (block.norm1.eps, block.norm2.eps, attn.scale)
-    shape = {"WORDS": words, "WIDTH": width, "HEADS": attn.num_heads, "HIDDEN": mlp.fc1.out_features}
-    shape |= {"M_PAD": m_pad, "C_PAD": _pow2(width), "H_BLOCK": 32, "HAS_QKV_BIAS": attn.qkv.bias is not None}
+    n1w, n1b, qkv_w, *rest = (w.detach().contiguous() for w in weights)
+    qkv_b = qkv_w if qkv_bias is None else qkv_bias.detach().contiguous()  # unread when absent
+    args = (x, out, sentences, sentences.bit_length(), n1w, n1b, qkv_w, qkv_b, *rest, *eps, (width // heads) ** -0.5)
+    shape = {"WORDS": words, "WIDTH": width, "HEADS": heads, "HIDDEN": weights[7].shape[0]}
+    shape |= {"M_PAD": m_pad, "C_PAD": _pow2(width), "H_BLOCK": 32, "HAS_QKV_BIAS": qkv_bias is not None}
     config = config or (None if x.is_cuda else INTERPRETER_CONFIG)
     if config is None:
         _TUNED[exact][lambda meta: (triton.cdiv(sentences, meta["ROWS"] // m_pad),)](*args, **shape, EXACT=exact)
@@ -246,15 +270,6 @@ def tuned_config(exact: bool) -> tuple[int, bool, int] | None:
     return None if best is None else (best.kwargs["ROWS"], best.kwargs["BATCHED"], best.num_warps)
 
 
-def _parameters(block: Any) -> list[torch.Tensor]:
-    attn, mlp = block.attn, block.mlp
-    qkv_bias = attn.qkv.bias if attn.qkv.bias is not None else attn.qkv.weight  # unread when absent
-    return [
-        block.norm1.weight, block.norm1.bias, attn.qkv.weight, qkv_bias, attn.proj.weight, attn.proj.bias,
-        block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-    ]  # fmt: skip
-
-
 def inner_block_applies(x: torch.Tensor) -> bool:
     """A CUDA tensor where triton works, or a CPU tensor under Triton's interpreter (`TRITON_INTERPRET=1`)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() != 3:
@@ -264,35 +279,67 @@ def inner_block_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and triton is not None and INTERPRETING and switched_on(ENV_SWITCH)
 
 
-# Per (device, dtype, shape) configuration: True once the kernel matched the plain path, False after a failure.
+def fused_block(block: Any, x: torch.Tensor) -> torch.Tensor:
+    """The block by the checked kernel (`fused_inner_block`), with bf16 operands under autocast or for 16-bit x."""
+    exact = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    weights, qkv_bias, heads, eps = block_arguments(block)
+    return fused_inner_block(x, weights, qkv_bias, heads, eps, exact)
+
+
+# Per (device, dtype, shape) configuration: True once the kernel matched the reference, False after a failure.
 _CHECKED: dict[tuple[Any, ...], bool] = {}
 
 
-def checked_inner_block(
-    block: torch.nn.Module, x: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor]
+# A registered operator, so that torch.compile keeps the kernel in its graph as one opaque call.
+@torch.library.custom_op("tnt_vision::inner_block", mutates_args=())
+def fused_inner_block(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    qkv_bias: torch.Tensor | None,
+    heads: int,
+    eps: list[float],
+    exact: bool,
 ) -> torch.Tensor:
-    """`inner_block`, checked against `plain` on its first call for each configuration.
+    """The kernel, checked against `reference_block` on its first call for each configuration.
 
-    A kernel that fails to compile or disagrees with the plain path (say, on a GPU generation it was never run
-    on) is switched off for that configuration with one warning, and `plain`'s result is used: never a wrong one.
+    A kernel that fails to compile or disagrees with the reference (say, on a GPU generation it was never run
+    on) is switched off for that configuration with one warning, and the reference's result is used: never a
+    wrong one.
     """
-    exact = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
-    key = (x.device, x.dtype, exact, tuple(x.shape[1:]), block.attn.num_heads)
+    key = (x.device, x.dtype, exact, tuple(x.shape[1:]), heads)
     if _CHECKED.get(key) is False:
-        return plain(x)
+        return reference_block(x, weights, qkv_bias, heads, eps)
     try:
-        out = inner_block(block, x, exact=exact)
+        out = _launch(x, weights, qkv_bias, heads, eps, exact=exact)
     except Exception as error:  # a triton/driver combination the kernel cannot compile for
-        return _give_up(key, f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}", plain(x))
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        return _give_up(key, reason, reference_block(x, weights, qkv_bias, heads, eps))
     if key in _CHECKED:
         return out
-    reference = plain(x)
+    reference = reference_block(x, weights, qkv_bias, heads, eps)
     error = (out.float() - reference.float()).abs().max().item()
     tolerance = (1e-4 if exact else 5e-2) * max(1.0, reference.float().abs().max().item())
     if not error <= tolerance:
         return _give_up(key, f"differs from the plain path by {error:.3g}", reference)
     _CHECKED[key] = True
     return out
+
+
+@fused_inner_block.register_fake
+def _(x: torch.Tensor, *args: Any) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def reference_block(
+    x: torch.Tensor, weights: list[torch.Tensor], qkv_bias: torch.Tensor | None, heads: int, eps: list[float]
+) -> torch.Tensor:
+    """What the kernel computes, in plain operators: x + proj(attention(LN(x))), then x + fc2(gelu(fc1(LN(x))))."""
+    n1w, n1b, qkv_w, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b = weights
+    width = (x.shape[-1],)
+    qkv = F.linear(F.layer_norm(x, width, n1w, n1b, eps[0]), qkv_w, qkv_bias)
+    q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+    x = x + F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2), proj_w, proj_b)
+    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, width, n2w, n2b, eps[1]), fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 def _give_up(key: tuple[Any, ...], reason: str, fallback: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ..kernels import capturing_graph, onednn, word_attention, word_attention_applies
+from ..kernels import capturing_graph, exporting_graph, onednn, word_attention, word_attention_applies
 from ..kernels.emulated_bf16 import (
     BF16,
     attention_bf16,
@@ -19,10 +19,11 @@ from ..kernels.emulated_bf16 import (
     fused_linear,
     fused_mlp,
 )
-from ..kernels.inner_block import checked_inner_block, inner_block_applies, inner_block_fits
+from ..kernels.inner_block import fused_block, inner_block_applies, inner_block_fits
 from ..kernels.onednn import onednn_applies
 
 _FUSED_ATTENTION = True
+SHORT_SEQUENCE = 32  # longest sequence `short_on_gpu` sends to explicit products (0: none)
 
 
 def fused_attention_enabled() -> bool:
@@ -112,7 +113,7 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.attn_drop if self.training else 0.0
-        if fused_attention_enabled():
+        if fused_attention_enabled() and not short_on_gpu(q):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         attn = self.attention_map(q, k)
         return F.dropout(attn, drop) @ v
@@ -120,6 +121,16 @@ class Attention(nn.Module):
     def attention_map(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights (B, heads, N, N); the hook point for attention visualisation."""
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def short_on_gpu(q: torch.Tensor) -> bool:
+    """Sequences as short as TNT's 16 words on a GPU, where explicit products beat the fused attention kernels.
+
+    Measured on an H200 (torch 2.11, bf16, TNT-S's words at batch 256: 50176 x 4 heads x 16 words x 6 dims):
+    `scaled_dot_product_attention` 3.76 ms forward, 14.9 ms forward + backward; explicit products 0.52 and 1.49
+    (`benchmarks/gpu_short_attention.py`). A whole training step: 160 ms against 310.
+    """
+    return q.is_cuda and q.shape[-2] <= SHORT_SEQUENCE
 
 
 class Mlp(nn.Module):
@@ -221,12 +232,14 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_kernel_applies(x):
-            return checked_inner_block(self, x, self.plain_forward)
+            return fused_block(self, x)
         return self.plain_forward(x)
 
     def fused_kernel_applies(self, x: torch.Tensor) -> bool:
-        """The one-launch Triton block (kernels.inner_block): GPU inference of short sequences, e.g. TNT's words."""
-        if capturing_graph() or not (fused_attention_enabled() and inner_block_applies(x)):
+        """The one-launch Triton block (kernels.inner_block): GPU inference of short sequences, e.g. TNT's words.
+
+        Kept under torch.compile (an opaque operator in its graph), not in graphs that leave PyTorch."""
+        if exporting_graph() or not (fused_attention_enabled() and inner_block_applies(x)):
             return False
         if self.training or self.se is not None or not isinstance(self.mlp.act, nn.GELU):
             return False
