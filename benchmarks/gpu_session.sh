@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one run, most important first, within a time budget (seconds, default 400):
 # the words' attention and training step, the GPU tests, the README's GPU table (TNT-S bf16 batch 256 eager:
-# inference, fp32 inference, training with peak memory; compiled inference; TNT-Ti/B), the fused block alone.
+# inference, fp32 inference, training with peak memory; compiled inference; TNT-Ti/B), where the time goes
+# (operators by device time, inference and training), the fused block alone.
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #
@@ -42,6 +43,9 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     step 200 100 $table --models tnt_s_patch16_224 --settings bf16-infer --no-memory --compile --out "$RES/compiled"
     step 120 40 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-infer bf16-train --no-memory \
         --out "$RES/tib"
+    breakdown="python3 benchmarks/time_breakdown.py --device cuda --dtype bf16 --batch 256 --rounds 5 --ops 15"
+    step 90 40 $breakdown
+    step 90 40 $breakdown --train
     step 120 40 python3 benchmarks/gpu_inner_block.py --batch 256 --out "$RES/gpu_inner_block.json"
     echo "== done in $((SECONDS - START))s"
 } 2>&1 | tee "$OUT/log.txt"

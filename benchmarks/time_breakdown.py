@@ -4,6 +4,7 @@
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 32 --train --rounds 3
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 1 --rounds 20
     PYTHONPATH=src python benchmarks/time_breakdown.py --batch 32 --train --rounds 1 --shapes 12
+    PYTHONPATH=src python benchmarks/time_breakdown.py --device cuda --dtype bf16 --batch 256 --ops 15
 
 Each round profiles one call of each contender (`bench.interleaved_times`: after an untimed warm-up call each,
 the order rotated from round to round) with
@@ -12,22 +13,34 @@ attention kernels (SDPA, softmax, tnt-vision's word attention) and the rest (wal
 medians are printed with the batch, dtype, threads and machine, then the bound they imply: timm's time over
 tnt-vision's time in products and attention is the most any implementation using these GEMMs could gain over
 timm, were all its other work free. With --shapes N, one more profiled call of each contender lists its N
-costliest matrix-product shapes with their GFLOP/s (the machine's GEMM rate for them).
+costliest matrix-product shapes with their GFLOP/s (the machine's GEMM rate for them); with --ops N, its N
+costliest operators of any kind. On a GPU (--device cuda) the times are the kernels' device time per operator.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tnt_vision.bench import BenchConfig, Step, build_step, cpu_name, interleaved_times, make_inputs, set_threads
+from tnt_vision.bench import (
+    BenchConfig,
+    Step,
+    build_step,
+    cpu_name,
+    interleaved_times,
+    make_inputs,
+    set_threads,
+    synchronize,
+)
 
 PRODUCTS = (
     "aten::mm",
@@ -47,38 +60,59 @@ def kind(op: str) -> str:
     return "attention" if any(part in op for part in ATTENTION) else "rest"
 
 
-def profiled_call(step: Step, x: torch.Tensor) -> dict[str, float]:
-    """Milliseconds of one call: wall time, and its operators' self time per kind (the rest is what is left)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+def profiled(step: Step, x: torch.Tensor, device: str, shapes: bool = False) -> tuple[Any, float]:
+    """One call under torch.profiler (with the GPU's kernels on cuda): the profile and the call's wall ms."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, record_shapes=shapes) as prof:
+        synchronize(device)
         start = time.perf_counter()
         step(x)
+        synchronize(device)
         wall = (time.perf_counter() - start) * 1e3
+    return prof, wall
+
+
+def self_ms(event: Any, device: str) -> float:
+    """An operator's own time: its kernels' device time on a GPU, its CPU time otherwise."""
+    return (event.self_device_time_total if device == "cuda" else event.self_cpu_time_total) / 1e3
+
+
+def profiled_call(step: Step, x: torch.Tensor, device: str = "cpu") -> dict[str, float]:
+    """Milliseconds of one call: wall time, and its operators' self time per kind (the rest is what is left)."""
+    prof, wall = profiled(step, x, device)
     spent = {"products": 0.0, "attention": 0.0}
     for event in prof.key_averages():
         if (k := kind(event.key)) in spent:
-            spent[k] += event.self_cpu_time_total / 1e3
+            spent[k] += self_ms(event, device)
     return {"total": wall, **spent, "rest": wall - sum(spent.values())}
 
 
 def breakdown(steps: dict[str, Step], inputs: list[torch.Tensor], cfg: BenchConfig) -> dict[str, dict[str, float]]:
     """Median milliseconds per kind for each contender: `cfg.runs` interleaved rounds after `cfg.warmup` calls."""
-    calls = interleaved_times(steps, inputs, cfg, measure=profiled_call)
+    measure = functools.partial(profiled_call, device=cfg.device)
+    calls = interleaved_times(steps, inputs, cfg, measure=measure)
     return {name: {k: statistics.median(c[k] for c in runs) for k in runs[0]} for name, runs in calls.items()}
 
 
-def product_shapes(step: Step, x: torch.Tensor, top: int) -> list[str]:
+def product_shapes(step: Step, x: torch.Tensor, top: int, device: str = "cpu") -> list[str]:
     """The `top` matrix products of one call by time: operator, operand shapes, calls, ms and GFLOP/s."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        step(x)
+    prof, _ = profiled(step, x, device, shapes=True)
     rows = []
     for event in prof.key_averages(group_by_input_shape=True):
-        if event.key not in PRODUCTS or event.self_cpu_time_total == 0:
+        ms = self_ms(event, device)
+        if event.key not in PRODUCTS or ms == 0:
             continue
         a, b = matrices(event.key, event.input_shapes)
         flops = 2 * math.prod(a) * b[-1] * event.count
-        ms = event.self_cpu_time_total / 1e3
         rows.append((ms, f"{event.key} {a} x {b}: {event.count} calls, {ms:.1f} ms, {flops / ms / 1e6:.0f} GFLOP/s"))
     return [line for _, line in sorted(rows, reverse=True)[:top]]
+
+
+def costliest_operators(step: Step, x: torch.Tensor, top: int, device: str = "cpu") -> list[str]:
+    """The `top` operators of one call by self time, of any kind: name, calls, ms."""
+    prof, _ = profiled(step, x, device)
+    rows = [(self_ms(e, device), f"{e.key}: {e.count} calls, {self_ms(e, device):.2f} ms") for e in prof.key_averages()]
+    return [line for ms, line in sorted(rows, reverse=True)[:top] if ms > 0]
 
 
 def matrices(op: str, shapes: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -94,7 +128,7 @@ def matrices(op: str, shapes: list[list[int]]) -> tuple[list[int], list[int]]:
 def report(cfg: BenchConfig, medians: dict[str, dict[str, float]], threads: int) -> str:
     what = "training step (forward, backward, AdamW)" if cfg.train else "inference forward"
     lines = [
-        f"{cfg.model}, {what}, batch {cfg.batch}, {cfg.dtype}, {threads} threads, {cpu_name()}, "
+        f"{cfg.model}, {what}, batch {cfg.batch}, {cfg.dtype}, {threads} threads, {where(cfg.device)}, "
         f"torch {torch.__version__}; medians in ms",
         "| contender | total | products | attention | rest |",
         "|---|---|---|---|---|",
@@ -111,6 +145,10 @@ def report(cfg: BenchConfig, medians: dict[str, dict[str, float]], threads: int)
     return "\n".join(lines)
 
 
+def where(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tnt_s_patch16_224")
@@ -121,9 +159,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--shapes", type=int, default=0, help="also list the N costliest product shapes")
+    parser.add_argument("--ops", type=int, default=0, help="also list the N costliest operators of any kind")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     setting = {"batch": args.batch, "img_size": args.img_size, "dtype": args.dtype, "train": args.train}
-    setting |= {"runs": args.rounds, "warmup": 1}
+    setting |= {"runs": args.rounds, "warmup": 1 if args.device == "cpu" else 3, "device": args.device}
     cfg = BenchConfig(model=args.model, against=("timm",), **setting)
     threads = set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +171,9 @@ def main() -> None:
         inputs = make_inputs(cfg, cfg.batch)
         print(report(cfg, breakdown(steps, inputs, cfg), threads))
         for name, step in steps.items() if args.shapes else ():
-            print(f"{name}:", *product_shapes(step, inputs[0], args.shapes), sep="\n  ")
+            print(f"{name}:", *product_shapes(step, inputs[0], args.shapes, args.device), sep="\n  ")
+        for name, step in steps.items() if args.ops else ():
+            print(f"{name}:", *costliest_operators(step, inputs[0], args.ops, args.device), sep="\n  ")
 
 
 if __name__ == "__main__":

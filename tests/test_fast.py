@@ -463,3 +463,6 @@ def test_time_breakdown_sorts_operators_into_products_attention_and_rest(tmp_pat
     shapes = breakdown.product_shapes(steps["timm"], inputs[0], top=2)
     assert len(shapes) == 2
     assert all("GFLOP/s" in line for line in shapes)
+    operators = breakdown.costliest_operators(steps[cfg.model], inputs[0], top=3)
+    assert len(operators) == 3
+    assert all(" calls, " in line for line in operators)
