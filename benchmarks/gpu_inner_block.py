@@ -3,9 +3,10 @@
     PYTHONPATH=src python benchmarks/gpu_inner_block.py --batch 256 --out inner_block.json
 
 1. One inner block at the shape of a whole batch (batch x 196 sentences of 16 words): the plain block, the
-   autotuned kernel (and the configuration it chose), and every configuration it chooses from, in bf16 autocast
-   and fp32. Median of CUDA-event timings (`triton.testing.do_bench`), inputs rotated; with the bytes the kernel
-   must move (the words in and out, once) over a device-to-device copy's bandwidth measured here, as its floor.
+   autotuned kernel (and the configuration it chose), and every configuration it chooses from, in bf16 autocast,
+   fp32 and fp32 with TF32 products allowed. Median of CUDA-event timings (`triton.testing.do_bench`), inputs
+   rotated; with the bytes the kernel must move (the words in and out, once) over a device-to-device copy's
+   bandwidth measured here, as its floor.
 2. The whole model's inference with the kernel and without it (`TNT_VISION_GPU_KERNELS`), against timm's TNT:
    contenders interleaved round by round (`bench.interleaved_times`), medians.
 """
@@ -58,19 +59,25 @@ def block_times(model: str, batch: int, dtype: str, bandwidth: float) -> dict[st
     block = create_model(model).blocks[0].inner.cuda().eval()
     width, words = block.norm1.normalized_shape[0], 16
     inputs = [torch.randn(batch * PATCHES, words, width, device="cuda") for _ in range(3)]
-    exact = dtype == "fp32"
-    autocast = nullcontext() if exact else torch.autocast("cuda", torch.bfloat16)
-    configs = ib.EXACT_CONFIGS if exact else ib.CONFIGS
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(dtype):
+        precision = ib.products(inputs[0])
         result = {"plain": median_ms(rotating(inputs, block.plain_forward))}
-        result["autotuned"] = median_ms(rotating(inputs, lambda x: ib.inner_block(block, x, exact=exact)))
-        result["chosen"] = ib.tuned_config(exact)
-        for config in configs:
-            kernel = rotating(inputs, lambda x, c=config: ib.inner_block(block, x, exact=exact, config=c))
+        result["autotuned"] = median_ms(rotating(inputs, lambda x: ib.inner_block(block, x, precision=precision)))
+        result["chosen"] = ib.tuned_config(precision)
+        for config in ib.EXACT_CONFIGS if precision == "ieee" else ib.CONFIGS:
+            kernel = rotating(inputs, lambda x, c=config: ib.inner_block(block, x, precision=precision, config=c))
             result[f"config {config}"] = median_ms(kernel)
     floor_bytes = 2 * inputs[0].numel() * inputs[0].element_size()
     result["floor_ms"] = floor_bytes / bandwidth * 1e3
     return {"model": model, "dtype": dtype, "sentences": batch * PATCHES, "width": width, **result}
+
+
+def autocast(dtype: str) -> Any:
+    """bf16: autocast; fp32: exact fp32 products; tf32: fp32 with TF32 products allowed (for the model too)."""
+    if dtype == "bf16":
+        return torch.autocast("cuda", torch.bfloat16)
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    return nullcontext()
 
 
 def set_kernel(on: bool) -> None:
@@ -80,15 +87,14 @@ def set_kernel(on: bool) -> None:
 
 def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]:
     """Inference of the whole model: ours with and without the kernel, timm's TNT (ms per batch, medians)."""
-    cfg = BenchConfig(model=model, batch=batch, dtype=dtype, runs=runs, warmup=3, device="cuda")
+    cfg = BenchConfig(model=model, batch=batch, runs=runs, warmup=3, device="cuda")
     ours = create_model(model).cuda().eval()
     timm_model = build_module("timm", model, 224).cuda().eval()
-    autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bf16" else nullcontext()
 
     def forward(module: torch.nn.Module, kernel: bool) -> Callable[[torch.Tensor], object]:
         def step(x: torch.Tensor) -> object:
             set_kernel(kernel)
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast(dtype):
                 return module(x)
 
         return step
@@ -104,7 +110,7 @@ def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tnt_s_patch16_224"])
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32"))
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32", "tf32"], choices=("bf16", "fp32", "tf32"))
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_inner_block.json"))

@@ -6,13 +6,14 @@ Both are fast paths of the default eager model; the reference path (`fused_atten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,7 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
         for variant in triton_interpreter_worker.VARIANTS:
             assert diffs[f"{name}_{variant}"] <= 1e-5, (name, variant, diffs)  # exact fp32 products
             assert diffs[f"{name}_{variant}_bf16"] <= 3e-2, (name, variant, diffs)
+            assert diffs[f"{name}_{variant}_tf32"] <= 1e-2, (name, variant, diffs)
     for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
         assert diffs[name] <= 1e-5, (name, diffs[name])
     assert diffs["compiled"] <= 1e-5
@@ -324,48 +326,69 @@ needs_gpu_triton = pytest.mark.skipif(
 
 
 TNT_S_WORDS = (24, 4, 16, False)  # width, heads, words, qkv bias
-GPU_CASES = [(True, config, TNT_S_WORDS) for config in inner_block.EXACT_CONFIGS]
-GPU_CASES += [(False, config, TNT_S_WORDS) for config in inner_block.CONFIGS]
-GPU_CASES += [(exact, (32 if exact else 64, batched, 4), shape) for exact in (True, False) for batched in (False, True)
-              for shape in ((40, 4, 16, True), (24, 4, 9, False))]  # fmt: skip
+GPU_CASES = [("ieee", config, TNT_S_WORDS) for config in inner_block.EXACT_CONFIGS]
+GPU_CASES += [("bf16", config, TNT_S_WORDS) for config in inner_block.CONFIGS]
+GPU_CASES += [("tf32", (64, batched, 4), TNT_S_WORDS) for batched in (False, True)]
+GPU_CASES += [(precision, (32 if precision == "ieee" else 64, batched, 4), shape) for precision in ("ieee", "bf16")
+              for batched in (False, True) for shape in ((40, 4, 16, True), (24, 4, 9, False))]  # fmt: skip
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_products_follow_the_plain_paths_precision() -> None:
+    x = torch.randn(2, 16, 24)
+    assert inner_block.products(x) == "ieee"
+    assert inner_block.products(x.bfloat16()) == "bf16"
+    with torch.autocast("cpu", torch.bfloat16):
+        assert inner_block.products(x) == "bf16"
+    with float32_matmul_precision("high"):
+        assert inner_block.products(x) == "tf32"
 
 
 @needs_gpu_triton
-@pytest.mark.parametrize(("exact", "config", "shape"), GPU_CASES)
-def test_every_gpu_configuration_matches_the_plain_block(exact: bool, config: tuple, shape: tuple) -> None:
+@pytest.mark.parametrize(("precision", "config", "shape"), GPU_CASES)
+def test_every_gpu_configuration_matches_the_plain_block(precision: str, config: tuple, shape: tuple) -> None:
     """Each configuration the autotuner may pick, against the plain block in float64 (odd sentence counts leave the
-    last program part-filled; nine words leave padded rows)."""
+    last program part-filled; nine words leave padded rows), as close as the plain block at that precision."""
     width, heads, words, qkv_bias = shape
     block = triton_interpreter_worker.perturbed_block(width, heads, qkv_bias).cuda()
     x = torch.randn(1001, words, width, device="cuda")
-    with torch.no_grad():
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.no_grad(), float32_matmul_precision("high" if precision == "tf32" else "highest"):
         reference = block.double().plain_forward(x.double())
-        dtype = torch.float32 if exact else torch.bfloat16
-        out = inner_block.inner_block(block.to(dtype), x.to(dtype), exact=exact, config=config)
+        out = inner_block.inner_block(block.to(dtype), x.to(dtype), precision=precision, config=config)
         plain = block.plain_forward(x.to(dtype))
 
     def error(y: torch.Tensor) -> float:
         return ((y.double() - reference).norm() / reference.norm()).item()
 
-    assert error(out) <= max(2 * error(plain), 1e-6), (error(out), error(plain))  # bf16: about the plain path's
+    assert error(out) <= max(2 * error(plain), 1e-6), (error(out), error(plain))
 
 
 @needs_gpu_triton
-@pytest.mark.parametrize("mode", ["fp32", "bf16_autocast", "bf16_weights"])
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16_autocast", "bf16_weights"])
 def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None:
     model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda().eval()
     x = torch.randn(5, 3, 64, 64, device="cuda")
     if mode == "bf16_weights":
         model, x = model.bfloat16(), x.bfloat16()
-    autocast = mode != "fp32"
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=mode == "bf16_autocast"):
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=mode == "bf16_autocast")
+    with torch.inference_mode(), autocast, float32_matmul_precision("high" if mode == "tf32" else "highest"):
         with fused_attention(False):
             reference = model(x).float()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fast = model(x).float()
     assert any(key[0].type == "cuda" and ok for key, ok in inner_block._CHECKED.items())
-    tolerance = 3e-2 * reference.abs().max().item() if autocast else 1e-4
+    tolerance = 1e-4 if mode == "fp32" else 3e-2 * reference.abs().max().item()
     assert (fast - reference).abs().max().item() <= tolerance
 
 

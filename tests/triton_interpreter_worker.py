@@ -36,7 +36,7 @@ VARIANTS = {"masked": (64, False, 4), "batched": (128, True, 4)}  # the two atte
 
 
 def block_differences() -> dict[str, float]:
-    """Every block in both attention layouts, fp32 (exact products) and bf16 (bf16 operands)."""
+    """Every block in both attention layouts, fp32 (exact products), bf16 (bf16 operands) and TF32."""
     diffs = {}
     for name, (width, heads, words, qkv_bias, sentences) in BLOCKS.items():
         block = perturbed_block(width, heads, qkv_bias)
@@ -48,8 +48,10 @@ def block_differences() -> dict[str, float]:
             for variant, config in VARIANTS.items():
                 out = ib.inner_block(block, x, config=config)
                 diffs[f"{name}_{variant}"] = (out - reference).abs().max().item() / scale
-                low = ib.inner_block(low_block, x.bfloat16(), exact=False, config=config)
+                low = ib.inner_block(low_block, x.bfloat16(), precision="bf16", config=config)
                 diffs[f"{name}_{variant}_bf16"] = (low.float() - reference).abs().max().item() / scale
+                tf32 = ib.inner_block(block, x, precision="tf32", config=config)  # exact in the interpreter
+                diffs[f"{name}_{variant}_tf32"] = (tf32 - reference).abs().max().item() / scale
     return diffs
 
 

@@ -12,7 +12,8 @@ with the other heads' columns zeroed, so no tensor is sliced. Attention comes in
 all R with a same-sentence mask (R^2 scores per head, 2-D products), or each sentence against itself (M_PAD^2
 scores, batched 3-D products). Which layout, how many rows per program and how many warps is left to Triton's
 autotuner, per GPU and shape (`CONFIGS`). Products take exact fp32 operands for fp32 activations (the 1e-5 of
-the plain path) and bf16 operands under autocast or for bf16 weights, as the plain path's products do.
+the plain path; TF32 where `torch.set_float32_matmul_precision` allows it) and bf16 operands under autocast or
+for bf16 weights, as the plain path's products do.
 
 Forward only, without dropout: training takes the plain path.
 """
@@ -42,6 +43,7 @@ MAX_WIDTH = 128  # widest inner transformer served (TNT-S: 24, TNT-B: 40)
 # Exact fp32 products run on the plain FP32 units and need many registers: only the smallest tiles pay there.
 CONFIGS = ((64, False, 4), (128, False, 8), (64, True, 4), (128, True, 4), (128, True, 8), (256, True, 8))
 EXACT_CONFIGS = ((32, False, 4), (32, True, 4))
+PRECISIONS = ("ieee", "tf32", "bf16")  # the products' operands: exact fp32, TF32, bf16 (see `products`)
 INTERPRETER_CONFIG = (64, True, 4)  # Triton's interpreter cannot time configurations
 
 
@@ -57,12 +59,12 @@ if triton is not None:
     _EMULATE_BF16 = tl.constexpr(INTERPRETING)  # a jit function reads module globals only as constexpr
 
     @triton.jit
-    def _dot(a, b, EXACT: tl.constexpr):
-        """a @ b (2-D or batched 3-D) with fp32 accumulation: exact fp32 products for fp32 activations, bf16 operands
-        (what autocast gives the plain path's products) otherwise. Triton's interpreter multiplies bf16 blocks
-        wrongly (and truncates to bf16), so there the operands, rounded to bf16, are multiplied in fp32."""
-        if EXACT:
-            return tl.dot(a, b, input_precision="ieee")
+    def _dot(a, b, PRECISION: tl.constexpr):
+        """a @ b (2-D or batched 3-D) with fp32 accumulation, the operands taken as PRECISION says (see
+        `products`). Triton's interpreter multiplies bf16 blocks wrongly (and truncates to bf16), so there the
+        operands, rounded to bf16, are multiplied in fp32."""
+        if PRECISION != "bf16":
+            return tl.dot(a, b, input_precision=PRECISION)
         if _EMULATE_BF16:
             return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
@@ -103,7 +105,7 @@ if triton is not None:
     def _attention_masked(
         q, k, v, rows, cols,
         WORDS: tl.constexpr, WIDTH: tl.constexpr, HEADS: tl.constexpr, M_PAD: tl.constexpr, ROWS: tl.constexpr,
-        EXACT: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         """All R rows against all R rows, scores across sentences masked out: R^2 scores per head, 2-D products."""
         HEAD_DIM: tl.constexpr = WIDTH // HEADS
@@ -112,16 +114,16 @@ if triton is not None:
         attended = tl.zeros(q.shape, dtype=tl.float32)
         for head in tl.static_range(HEADS):
             in_head = ((cols // HEAD_DIM) == head) & (cols < WIDTH)
-            scores = _dot(tl.where(in_head[None, :], q, 0.0), tl.trans(k), EXACT)
+            scores = _dot(tl.where(in_head[None, :], q, 0.0), tl.trans(k), PRECISION)
             p = _softmax(tl.where(same, scores, -1.0e30), 1)
-            attended += _dot(p, tl.where(in_head[None, :], v, 0.0), EXACT)
+            attended += _dot(p, tl.where(in_head[None, :], v, 0.0), PRECISION)
         return attended
 
     @triton.jit
     def _attention_batched(
         q, k, v, cols,
         WORDS: tl.constexpr, WIDTH: tl.constexpr, HEADS: tl.constexpr, M_PAD: tl.constexpr, ROWS: tl.constexpr,
-        EXACT: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Each sentence's M_PAD rows against its own: batched 3-D products, M_PAD^2 scores per sentence and head."""
         HEAD_DIM: tl.constexpr = WIDTH // HEADS
@@ -134,8 +136,8 @@ if triton is not None:
             in_head = ((cols // HEAD_DIM) == head) & (cols < WIDTH)
             qh = tl.reshape(tl.where(in_head[None, :], q, 0.0), (S, M_PAD, C_PAD))
             vh = tl.reshape(tl.where(in_head[None, :], v, 0.0), (S, M_PAD, C_PAD))
-            p = _softmax(tl.where(key_ok[None, None, :], _dot(qh, k3, EXACT), -1.0e30), 2)
-            attended += _dot(p, vh, EXACT)
+            p = _softmax(tl.where(key_ok[None, None, :], _dot(qh, k3, PRECISION), -1.0e30), 2)
+            attended += _dot(p, vh, PRECISION)
         return tl.reshape(attended, (ROWS, C_PAD))
 
     @triton.jit
@@ -145,7 +147,7 @@ if triton is not None:
         eps1, eps2, scale,
         WORDS: tl.constexpr, WIDTH: tl.constexpr, HEADS: tl.constexpr, HIDDEN: tl.constexpr,
         M_PAD: tl.constexpr, C_PAD: tl.constexpr, H_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-        HAS_QKV_BIAS: tl.constexpr, EXACT: tl.constexpr, BATCHED: tl.constexpr,
+        HAS_QKV_BIAS: tl.constexpr, PRECISION: tl.constexpr, BATCHED: tl.constexpr,
     ):  # fmt: skip
         rows = tl.arange(0, ROWS)
         cols = tl.arange(0, C_PAD)
@@ -159,18 +161,18 @@ if triton is not None:
 
         # x + proj(attention(LN(x)))
         h = _layer_norm(x, n1w, n1b, cols, WIDTH, eps1)
-        q = _dot(h, _weight_t(qkv_w, cols, cols, WIDTH, WIDTH, 0), EXACT)
-        k = _dot(h, _weight_t(qkv_w, cols, cols, WIDTH, WIDTH, WIDTH), EXACT)
-        v = _dot(h, _weight_t(qkv_w, cols, cols, WIDTH, WIDTH, 2 * WIDTH), EXACT)
+        q = _dot(h, _weight_t(qkv_w, cols, cols, WIDTH, WIDTH, 0), PRECISION)
+        k = _dot(h, _weight_t(qkv_w, cols, cols, WIDTH, WIDTH, WIDTH), PRECISION)
+        v = _dot(h, _weight_t(qkv_w, cols, cols, WIDTH, WIDTH, 2 * WIDTH), PRECISION)
         if HAS_QKV_BIAS:
             q += _bias(qkv_b, cols, WIDTH, 0)[None, :]
             k += _bias(qkv_b, cols, WIDTH, WIDTH)[None, :]
             v += _bias(qkv_b, cols, WIDTH, 2 * WIDTH)[None, :]
         if BATCHED:
-            attended = _attention_batched(q * scale, k, v, cols, WORDS, WIDTH, HEADS, M_PAD, ROWS, EXACT)
+            attended = _attention_batched(q * scale, k, v, cols, WORDS, WIDTH, HEADS, M_PAD, ROWS, PRECISION)
         else:
-            attended = _attention_masked(q * scale, k, v, rows, cols, WORDS, WIDTH, HEADS, M_PAD, ROWS, EXACT)
-        x += _dot(attended, _weight_t(proj_w, cols, cols, WIDTH, WIDTH, 0), EXACT)
+            attended = _attention_masked(q * scale, k, v, rows, cols, WORDS, WIDTH, HEADS, M_PAD, ROWS, PRECISION)
+        x += _dot(attended, _weight_t(proj_w, cols, cols, WIDTH, WIDTH, 0), PRECISION)
         x += _bias(proj_b, cols, WIDTH, 0)[None, :]
 
         # x + fc2(gelu(fc1(LN(x)))), the hidden layer in column blocks
@@ -178,7 +180,7 @@ if triton is not None:
         mlp = tl.zeros((ROWS, C_PAD), dtype=tl.float32)
         for start in range(0, HIDDEN, H_BLOCK):
             hidden = start + tl.arange(0, H_BLOCK)
-            a = _dot(h, _weight_t(fc1_w, cols, hidden, WIDTH, HIDDEN, 0), EXACT)
+            a = _dot(h, _weight_t(fc1_w, cols, hidden, WIDTH, HIDDEN, 0), PRECISION)
             a += _bias(fc1_b, hidden, HIDDEN, 0)[None, :]
             a = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
             w2 = tl.load(
@@ -186,7 +188,7 @@ if triton is not None:
                 mask=(hidden[:, None] < HIDDEN) & col_ok[None, :],
                 other=0.0,
             ).to(tl.float32)
-            mlp += _dot(a, w2, EXACT)
+            mlp += _dot(a, w2, PRECISION)
         x += mlp + _bias(fc2_b, cols, WIDTH, 0)[None, :]
         tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -197,7 +199,7 @@ if triton is not None:
             key=["size_class", "WORDS", "WIDTH", "HEADS", "HIDDEN"],
         )(_inner_block_kernel)
 
-    _TUNED = {True: _autotuned(EXACT_CONFIGS), False: _autotuned(CONFIGS)}  # by `exact`
+    _TUNED = {precision: _autotuned(EXACT_CONFIGS if precision == "ieee" else CONFIGS) for precision in PRECISIONS}
 
 
 def _pow2(n: int, at_least: int = 16) -> int:
@@ -209,16 +211,16 @@ def inner_block_fits(words: int, width: int, heads: int) -> bool:
 
 
 def inner_block(
-    block: Any, x: torch.Tensor, *, exact: bool = True, config: tuple[int, bool, int] | None = None
+    block: Any, x: torch.Tensor, *, precision: str = "ieee", config: tuple[int, bool, int] | None = None
 ) -> torch.Tensor:
     """One `TransformerBlock` (pre-norm, GELU MLP, no SE) over (sentences, words, width), in one launch, unchecked.
 
     With `TRITON_INTERPRET=1` in the environment when this module is imported, Triton's interpreter runs it on
-    CPU tensors (slowly; that is how the tests check it where no GPU is present). `exact=False` lets the
-    products take bf16 operands (for 16-bit activations, or under autocast). `config` (rows per program,
+    CPU tensors (slowly; that is how the tests check it where no GPU is present). `precision` is one of
+    `PRECISIONS` (what `products` chooses for an input in the model). `config` (rows per program,
     batched attention, warps) fixes what the autotuner would otherwise choose among `CONFIGS` on a GPU.
     """
-    return _launch(x, *block_arguments(block), exact=exact, config=config)
+    return _launch(x, *block_arguments(block), precision=precision, config=config)
 
 
 def block_arguments(block: Any) -> tuple[list[torch.Tensor], torch.Tensor | None, int, list[float]]:
@@ -238,7 +240,7 @@ def _launch(
     heads: int,
     eps: list[float],
     *,
-    exact: bool,
+    precision: str,
     config: tuple[int, bool, int] | None = None,
 ) -> torch.Tensor:
     if triton is None:
@@ -256,17 +258,18 @@ def _launch(
     shape |= {"M_PAD": m_pad, "C_PAD": _pow2(width), "H_BLOCK": 32, "HAS_QKV_BIAS": qkv_bias is not None}
     config = config or (None if x.is_cuda else INTERPRETER_CONFIG)
     if config is None:
-        _TUNED[exact][lambda meta: (triton.cdiv(sentences, meta["ROWS"] // m_pad),)](*args, **shape, EXACT=exact)
+        grid = lambda meta: (triton.cdiv(sentences, meta["ROWS"] // m_pad),)  # noqa: E731
+        _TUNED[precision][grid](*args, **shape, PRECISION=precision)
     else:
         rows, batched, warps = config
         grid = (triton.cdiv(sentences, rows // m_pad),)
-        _inner_block_kernel[grid](*args, **shape, EXACT=exact, ROWS=rows, BATCHED=batched, num_warps=warps)
+        _inner_block_kernel[grid](*args, **shape, PRECISION=precision, ROWS=rows, BATCHED=batched, num_warps=warps)
     return out
 
 
-def tuned_config(exact: bool) -> tuple[int, bool, int] | None:
-    """The configuration the autotuner chose last for exact or bf16 products (None before its first GPU call)."""
-    best = getattr(_TUNED[exact], "best_config", None) if triton is not None else None
+def tuned_config(precision: str) -> tuple[int, bool, int] | None:
+    """The configuration the autotuner chose last for a precision (None before its first GPU call)."""
+    best = getattr(_TUNED[precision], "best_config", None) if triton is not None else None
     return None if best is None else (best.kwargs["ROWS"], best.kwargs["BATCHED"], best.num_warps)
 
 
@@ -280,10 +283,22 @@ def inner_block_applies(x: torch.Tensor) -> bool:
 
 
 def fused_block(block: Any, x: torch.Tensor) -> torch.Tensor:
-    """The block by the checked kernel (`fused_inner_block`), with bf16 operands under autocast or for 16-bit x."""
-    exact = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    """The block by the checked kernel (`fused_inner_block`), its products as precise as the plain path's."""
     weights, qkv_bias, heads, eps = block_arguments(block)
-    return fused_inner_block(x, weights, qkv_bias, heads, eps, exact)
+    return fused_inner_block(x, weights, qkv_bias, heads, eps, products(x))
+
+
+def products(x: torch.Tensor) -> str:
+    """The operands the plain path's products would take for x: bf16 under autocast and for 16-bit x, else exact
+    fp32, or TF32 where the user allows it (`torch.set_float32_matmul_precision("high")`)."""
+    if x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+        return "bf16"
+    return "ieee" if float32_matmul_precision() == "highest" else "tf32"
+
+
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the call; it reads the setting once
+def float32_matmul_precision() -> str:
+    return torch.get_float32_matmul_precision()
 
 
 # Per (device, dtype, shape) configuration: True once the kernel matched the reference, False after a failure.
@@ -298,7 +313,7 @@ def fused_inner_block(
     qkv_bias: torch.Tensor | None,
     heads: int,
     eps: list[float],
-    exact: bool,
+    precision: str,
 ) -> torch.Tensor:
     """The kernel, checked against `reference_block` on its first call for each configuration.
 
@@ -306,11 +321,11 @@ def fused_inner_block(
     on) is switched off for that configuration with one warning, and the reference's result is used: never a
     wrong one.
     """
-    key = (x.device, x.dtype, exact, tuple(x.shape[1:]), heads)
+    key = (x.device, x.dtype, precision, tuple(x.shape[1:]), heads)
     if _CHECKED.get(key) is False:
         return reference_block(x, weights, qkv_bias, heads, eps)
     try:
-        out = _launch(x, weights, qkv_bias, heads, eps, exact=exact)
+        out = _launch(x, weights, qkv_bias, heads, eps, precision=precision)
     except Exception as error:  # a triton/driver combination the kernel cannot compile for
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         return _give_up(key, reason, reference_block(x, weights, qkv_bias, heads, eps))
@@ -318,7 +333,7 @@ def fused_inner_block(
         return out
     reference = reference_block(x, weights, qkv_bias, heads, eps)
     error = (out.float() - reference.float()).abs().max().item()
-    tolerance = (1e-4 if exact else 5e-2) * max(1.0, reference.float().abs().max().item())
+    tolerance = (1e-4 if precision == "ieee" else 5e-2) * max(1.0, reference.float().abs().max().item())
     if not error <= tolerance:
         return _give_up(key, f"differs from the plain path by {error:.3g}", reference)
     _CHECKED[key] = True
