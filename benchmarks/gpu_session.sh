@@ -6,6 +6,9 @@
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #
+# On a machine whose timm is not 1.0.x, install the wheel first (here: `pip download timm==1.0.31` into .whl/,
+# then `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and PYTHONPATH=/tmp/site:src).
+#
 # A step that would start with too little of the budget left is skipped. Results (JSON, Markdown) are bundled in
 # $OUT/results.tar.gz after every step, so a run cut short still returns what it measured; the log is $OUT/log.txt.
 set -u
