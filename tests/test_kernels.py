@@ -245,6 +245,7 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
             assert diffs[f"{name}_{variant}"] <= 1e-5, (name, variant, diffs)  # exact fp32 products
             assert diffs[f"{name}_{variant}_bf16"] <= 3e-2, (name, variant, diffs)
             assert diffs[f"{name}_{variant}_tf32"] <= 1e-2, (name, variant, diffs)
+            assert diffs[f"{name}_{variant}_fp16"] <= 1e-2, (name, variant, diffs)
     for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
         assert diffs[name] <= 1e-5, (name, diffs[name])
     assert diffs["compiled"] <= 1e-5
@@ -328,7 +329,7 @@ needs_gpu_triton = pytest.mark.skipif(
 TNT_S_WORDS = (24, 4, 16, False)  # width, heads, words, qkv bias
 GPU_CASES = [("ieee", config, TNT_S_WORDS) for config in inner_block.EXACT_CONFIGS]
 GPU_CASES += [("bf16", config, TNT_S_WORDS) for config in inner_block.CONFIGS]
-GPU_CASES += [("tf32", (64, batched, 4), TNT_S_WORDS) for batched in (False, True)]
+GPU_CASES += [(precision, (64, batched, 4), TNT_S_WORDS) for precision in ("tf32", "fp16") for batched in (False, True)]
 GPU_CASES += [(precision, (32 if precision == "ieee" else 64, batched, 4), shape) for precision in ("ieee", "bf16")
               for batched in (False, True) for shape in ((40, 4, 16, True), (24, 4, 9, False))]  # fmt: skip
 
@@ -347,6 +348,7 @@ def test_products_follow_the_plain_paths_precision() -> None:
     x = torch.randn(2, 16, 24)
     assert inner_block.products(x) == "ieee"
     assert inner_block.products(x.bfloat16()) == "bf16"
+    assert inner_block.products(x.half()) == "fp16"
     with torch.autocast("cpu", torch.bfloat16):
         assert inner_block.products(x) == "bf16"
     with float32_matmul_precision("high"):
@@ -361,7 +363,7 @@ def test_every_gpu_configuration_matches_the_plain_block(precision: str, config:
     width, heads, words, qkv_bias = shape
     block = triton_interpreter_worker.perturbed_block(width, heads, qkv_bias).cuda()
     x = torch.randn(1001, words, width, device="cuda")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     with torch.no_grad(), float32_matmul_precision("high" if precision == "tf32" else "highest"):
         reference = block.double().plain_forward(x.double())
         out = inner_block.inner_block(block.to(dtype), x.to(dtype), precision=precision, config=config)
@@ -374,13 +376,14 @@ def test_every_gpu_configuration_matches_the_plain_block(precision: str, config:
 
 
 @needs_gpu_triton
-@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16_autocast", "bf16_weights"])
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights"])
 def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None:
     model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda().eval()
     x = torch.randn(5, 3, 64, 64, device="cuda")
     if mode == "bf16_weights":
         model, x = model.bfloat16(), x.bfloat16()
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=mode == "bf16_autocast")
+    low = torch.float16 if mode == "fp16_autocast" else torch.bfloat16
+    autocast = torch.autocast("cuda", low, enabled=mode.endswith("autocast"))
     with torch.inference_mode(), autocast, float32_matmul_precision("high" if mode == "tf32" else "highest"):
         with fused_attention(False):
             reference = model(x).float()

@@ -36,7 +36,7 @@ VARIANTS = {"masked": (64, False, 4), "batched": (128, True, 4)}  # the two atte
 
 
 def block_differences() -> dict[str, float]:
-    """Every block in both attention layouts, fp32 (exact products), bf16 (bf16 operands) and TF32."""
+    """Every block in both attention layouts, fp32 (exact products), bf16, TF32 and fp16."""
     diffs = {}
     for name, (width, heads, words, qkv_bias, sentences) in BLOCKS.items():
         block = perturbed_block(width, heads, qkv_bias)
@@ -44,7 +44,7 @@ def block_differences() -> dict[str, float]:
         with torch.no_grad():
             reference = block.plain_forward(x)
             scale = max(1.0, reference.abs().max().item())
-            low_block = copy.deepcopy(block).bfloat16()
+            low_block, half_block = copy.deepcopy(block).bfloat16(), copy.deepcopy(block).half()
             for variant, config in VARIANTS.items():
                 out = ib.inner_block(block, x, config=config)
                 diffs[f"{name}_{variant}"] = (out - reference).abs().max().item() / scale
@@ -52,6 +52,8 @@ def block_differences() -> dict[str, float]:
                 diffs[f"{name}_{variant}_bf16"] = (low.float() - reference).abs().max().item() / scale
                 tf32 = ib.inner_block(block, x, precision="tf32", config=config)  # exact in the interpreter
                 diffs[f"{name}_{variant}_tf32"] = (tf32 - reference).abs().max().item() / scale
+                half = ib.inner_block(half_block, x.half(), precision="fp16", config=config)
+                diffs[f"{name}_{variant}_fp16"] = (half.float() - reference).abs().max().item() / scale
     return diffs
 
 

@@ -12,8 +12,8 @@ with the other heads' columns zeroed, so no tensor is sliced. Attention comes in
 all R with a same-sentence mask (R^2 scores per head, 2-D products), or each sentence against itself (M_PAD^2
 scores, batched 3-D products). Which layout, how many rows per program and how many warps is left to Triton's
 autotuner, per GPU and shape (`CONFIGS`). Products take exact fp32 operands for fp32 activations (the 1e-5 of
-the plain path; TF32 where `torch.set_float32_matmul_precision` allows it) and bf16 operands under autocast or
-for bf16 weights, as the plain path's products do.
+the plain path; TF32 where `torch.set_float32_matmul_precision` allows it) and bf16 or fp16 operands under
+autocast or for 16-bit weights, as the plain path's products do.
 
 Forward only, without dropout: training takes the plain path.
 """
@@ -43,7 +43,7 @@ MAX_WIDTH = 128  # widest inner transformer served (TNT-S: 24, TNT-B: 40)
 # Exact fp32 products run on the plain FP32 units and need many registers: only the smallest tiles pay there.
 CONFIGS = ((64, False, 4), (128, False, 8), (64, True, 4), (128, True, 4), (128, True, 8), (256, True, 8))
 EXACT_CONFIGS = ((32, False, 4), (32, True, 4))
-PRECISIONS = ("ieee", "tf32", "bf16")  # the products' operands: exact fp32, TF32, bf16 (see `products`)
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16")  # the products' operands: exact fp32, TF32, bf16, fp16 (`products`)
 INTERPRETER_CONFIG = (64, True, 4)  # Triton's interpreter cannot time configurations
 
 
@@ -63,11 +63,15 @@ if triton is not None:
         """a @ b (2-D or batched 3-D) with fp32 accumulation, the operands taken as PRECISION says (see
         `products`). Triton's interpreter multiplies bf16 blocks wrongly (and truncates to bf16), so there the
         operands, rounded to bf16, are multiplied in fp32."""
-        if PRECISION != "bf16":
-            return tl.dot(a, b, input_precision=PRECISION)
-        if _EMULATE_BF16:
-            return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        if PRECISION == "fp16":  # one branch per precision: Triton compiles the code after a constexpr `return`
+            product = tl.dot(a.to(tl.float16), b.to(tl.float16))
+        elif PRECISION == "bf16" and _EMULATE_BF16:
+            product = tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
+        elif PRECISION == "bf16":
+            product = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            product = tl.dot(a, b, input_precision=PRECISION)
+        return product
 
     @triton.jit
     def _round_bf16(x):
@@ -289,11 +293,15 @@ def fused_block(block: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def products(x: torch.Tensor) -> str:
-    """The operands the plain path's products would take for x: bf16 under autocast and for 16-bit x, else exact
-    fp32, or TF32 where the user allows it (`torch.set_float32_matmul_precision("high")`)."""
-    if x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
-        return "bf16"
-    return "ieee" if float32_matmul_precision() == "highest" else "tf32"
+    """The operands the plain path's products would take for x: autocast's dtype under autocast, x's for 16-bit x,
+    else exact fp32, or TF32 where the user allows it (`torch.set_float32_matmul_precision("high")`)."""
+    if torch.is_autocast_enabled(x.device.type):
+        low = torch.get_autocast_dtype(x.device.type)
+    elif x.dtype != torch.float32:
+        low = x.dtype
+    else:
+        return "ieee" if float32_matmul_precision() == "highest" else "tf32"
+    return "fp16" if low == torch.float16 else "bf16"
 
 
 @torch.compiler.assume_constant_result  # torch.compile cannot trace the call; it reads the setting once
