@@ -41,6 +41,8 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     table="python3 benchmarks/perf_table.py --device cuda --batch 256 --runs 10 --warmup 3"
     step 120 40 python3 benchmarks/gpu_short_attention.py --batch 256 --out "$RES/gpu_short_attention.json"
     step 200 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu
+    # the known failure in full (xfail hides it): is the operator in Dynamo's graph, and does Inductor launch it?
+    step 90 40 python3 -m pytest -q -p no:cacheprovider --runxfail tests/test_kernels.py -k compiled_model_on_the_gpu
     step 120 40 $table --models tnt_s_patch16_224 --settings bf16-infer fp32-infer --no-memory --out "$RES/eager"
     step 120 50 $table --models tnt_s_patch16_224 --settings bf16-train --out "$RES/train"
     step 200 100 $table --models tnt_s_patch16_224 --settings bf16-infer --no-memory --compile --out "$RES/compiled"
