@@ -356,12 +356,16 @@ def _(x: torch.Tensor, *args: Any) -> torch.Tensor:
 def reference_block(
     x: torch.Tensor, weights: list[torch.Tensor], qkv_bias: torch.Tensor | None, heads: int, eps: list[float]
 ) -> torch.Tensor:
-    """What the kernel computes, in plain operators: x + proj(attention(LN(x))), then x + fc2(gelu(fc1(LN(x))))."""
+    """What the kernel computes, in plain operators: x + proj(attention(LN(x))), then x + fc2(gelu(fc1(LN(x)))).
+
+    The attention is explicit products, the fast form for sequences this short on a GPU (`layers.short_on_gpu`):
+    this is also the path of every call once the kernel is switched off for a configuration."""
     n1w, n1b, qkv_w, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b = weights
     width = (x.shape[-1],)
     qkv = F.linear(F.layer_norm(x, width, n1w, n1b, eps[0]), qkv_w, qkv_bias)
     q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
-    x = x + F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2), proj_w, proj_b)
+    attended = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    x = x + F.linear(attended.transpose(1, 2).flatten(2), proj_w, proj_b)
     return x + F.linear(F.gelu(F.linear(F.layer_norm(x, width, n2w, n2b, eps[1]), fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
