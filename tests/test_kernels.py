@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton_interpreter_worker
 from helpers import forward_backward
 from tnt_vision import kernels
-from tnt_vision.kernels import cpu_kernels, emulated_bf16, inner_block, word_attention
+from tnt_vision.kernels import cpu_kernels, emulated_bf16, inner_block, triton_block, word_attention
 from tnt_vision.models import create_model, tnt
 from tnt_vision.models import layers as tnt_layers
 from tnt_vision.models.layers import Attention, fused_attention
@@ -246,15 +246,24 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
             assert diffs[f"{name}_{variant}_bf16"] <= 3e-2, (name, variant, diffs)
             assert diffs[f"{name}_{variant}_tf32"] <= 1e-2, (name, variant, diffs)
             assert diffs[f"{name}_{variant}_fp16"] <= 1e-2, (name, variant, diffs)
+        assert diffs[f"{name}_scaled"] <= 1e-5, (name, diffs)  # drop-path's branch scales
+        for rows in (16, 32):  # gradients, each relative to its own size
+            assert diffs[f"{name}_backward_{rows}"] <= 1e-5, (name, rows, diffs)
+        assert diffs[f"{name}_backward_tf32"] <= 1e-5, (name, diffs)  # exact in the interpreter
+        assert diffs[f"{name}_backward_bf16"] <= 3e-2, (name, diffs)
+        assert diffs[f"{name}_backward_fp16"] <= 5e-3, (name, diffs)
     for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
         assert diffs[name] <= 1e-5, (name, diffs[name])
     assert diffs["compiled"] <= 1e-5
     assert diffs["kernel_calls"] == 14  # 3 models x 2 inner blocks x 2 passes, and compiled TNT-S's 2 blocks
+    for name in ("train_tnt_s_patch16_224", "train_tnt_b_patch16_224", "train_compiled"):
+        assert diffs[name] <= 1e-5, (name, diffs[name])  # a training step's gradients, eager and compiled
+    assert diffs["backward_calls"] == 6  # TNT-S, compiled TNT-S and TNT-B: 2 inner blocks each
 
 
-def test_inner_block_steps_aside_on_the_cpu_in_training_and_with_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inner_block_steps_aside_on_the_cpu_and_where_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    block = create_model("tnt_s_patch16_224", depth=1, img_size=32).blocks[0].inner.eval()
+    block = create_model("tnt_s_patch16_224", depth=1, img_size=32, drop_path_rate=0.1).blocks[0].inner.eval()
     words = torch.randn(4, 16, 24)
     assert not block.fused_kernel_applies(words)  # plain CPU tensors: the CPU has its own fast paths
     monkeypatch.setattr(inner_block, "inner_block_applies", lambda x: True)
@@ -268,9 +277,73 @@ def test_inner_block_steps_aside_on_the_cpu_in_training_and_with_gradients(monke
         assert not block.fused_kernel_applies(words)  # a hook on a part of the block must be called
         handle.remove()
         assert block.fused_kernel_applies(words)
-    assert not block.fused_kernel_applies(words)  # gradients needed: forward only
-    with torch.no_grad():
-        assert not block.train().fused_kernel_applies(words)  # dropout and drop-path belong to training
+    assert block.train().fused_kernel_applies(words)  # training with gradients and drop-path: the backward kernel
+    with deterministic_algorithms():
+        assert not block.fused_kernel_applies(words)  # its atomic sums have no fixed order
+        with torch.no_grad():
+            assert block.fused_kernel_applies(words)
+    block.attn.proj_drop.p = 0.1
+    assert not block.fused_kernel_applies(words)  # dropout inside the block
+    assert block.eval().fused_kernel_applies(words)  # ... is off in inference
+    block.mlp.act = torch.nn.GELU(approximate="tanh")
+    assert not block.fused_kernel_applies(words)  # the kernel's GELU is the exact one
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_branch_scales_are_drop_paths_mask_per_sentence() -> None:
+    block = create_model("tnt_s_patch16_224", depth=2, img_size=32, drop_path_rate=0.5).blocks[1].inner.train()
+    keep = 1 - block.drop_path.drop_prob
+    scales = block.branch_scales(torch.randn(20000, 16, 24))
+    assert scales.shape == (20000, 2)
+    assert scales.dtype == torch.float32
+    assert set(scales.unique().tolist()) == {0.0, 1 / keep}
+    assert abs((scales > 0).float().mean().item() - keep) < 0.02  # each branch kept with probability keep
+    assert abs(torch.corrcoef((scales > 0).float().T)[0, 1].item()) < 0.05  # the two branches independently
+    assert block.eval().branch_scales(torch.randn(3, 16, 24)) is None
+    assert create_model("tnt_s_patch16_224", depth=1, img_size=32).blocks[0].inner.train().branch_scales(
+        torch.randn(3, 16, 24)) is None  # fmt: skip
+
+
+def test_reference_backward_is_autograd_of_the_reference_block() -> None:
+    """The backward kernel's check and fallback (`reference_backward`, gradients by hand) against autograd."""
+    for width, heads, words, qkv_bias in ((24, 4, 16, False), (40, 4, 9, True)):
+        block = triton_interpreter_worker.perturbed_block(width, heads, qkv_bias).double()
+        weights, bias, heads, eps = inner_block.block_arguments(block)
+        x = torch.randn(6, words, width, dtype=torch.float64, requires_grad=True)
+        scales = torch.tensor([[0.0, 1.25], [1.25, 1.25], [1.25, 0.0]], dtype=torch.float64).repeat(2, 1)
+        out = inner_block.reference_block(x, weights, bias, heads, eps, scales=scales)
+        grad = torch.randn_like(out)
+        leaves = [x, *weights, *([bias] if qkv_bias else [])]
+        expected = list(torch.autograd.grad(out, leaves, grad))
+        with torch.no_grad():
+            got = inner_block.reference_backward(grad, x, weights, bias, heads, eps, scales=scales)
+        if not qkv_bias:
+            assert not got.pop().any()  # no bias: zeros, as the kernel leaves them
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_backward_kernel_that_disagrees_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = triton_interpreter_worker.perturbed_block(24, 4, False)
+    weights, bias, heads, eps = inner_block.block_arguments(block)
+    x, grad = torch.randn(3, 16, 24), torch.randn(3, 16, 24)
+    expected = inner_block.reference_backward(grad, x, weights, bias, heads, eps)
+    monkeypatch.setattr(inner_block, "_CHECKED", {})
+    monkeypatch.setattr(inner_block, "_launch_backward", lambda *a, **k: [g * 1.01 for g in expected])
+    with pytest.warns(RuntimeWarning, match="differs from the plain path"):
+        got = inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "ieee")
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    assert list(inner_block._CHECKED.values()) == [False]
 
 
 def test_a_kernel_that_fails_or_disagrees_is_switched_off_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,6 +400,7 @@ needs_gpu_triton = pytest.mark.skipif(
 
 
 TNT_S_WORDS = (24, 4, 16, False)  # width, heads, words, qkv bias
+EXACT, BACKWARD = triton_block.EXACT_BACKWARD_CONFIGS, triton_block.BACKWARD_CONFIGS
 GPU_CASES = [("ieee", config, TNT_S_WORDS) for config in inner_block.EXACT_CONFIGS]
 GPU_CASES += [("bf16", config, TNT_S_WORDS) for config in inner_block.CONFIGS]
 GPU_CASES += [(precision, (64, batched, 4), TNT_S_WORDS) for precision in ("tf32", "fp16") for batched in (False, True)]
@@ -375,6 +449,68 @@ def test_every_gpu_configuration_matches_the_plain_block(precision: str, config:
     assert error(out) <= max(2 * error(plain), 1e-6), (error(out), error(plain))
 
 
+GPU_BACKWARD_CASES = [(p, c, TNT_S_WORDS) for p in ("ieee", "bf16") for c in (EXACT if p == "ieee" else BACKWARD)]
+GPU_BACKWARD_CASES += [(p, (32, 4), TNT_S_WORDS) for p in ("tf32", "fp16")]
+GPU_BACKWARD_CASES += [(p, (16 if p == "ieee" else 32, 4), shape) for p in ("ieee", "bf16")
+                       for shape in ((40, 4, 16, True), (24, 4, 9, False))]  # fmt: skip
+
+
+@needs_gpu_triton
+@pytest.mark.parametrize(("precision", "config", "shape"), GPU_BACKWARD_CASES)
+def test_every_gpu_backward_configuration_matches_the_plain_block(precision: str, config: tuple, shape: tuple) -> None:
+    """The backward kernel in each configuration the autotuner may pick, against float64 gradients, as close as
+    the plain block's own gradients (autograd) at that precision; with drop-path's branch scales."""
+    width, heads, words, qkv_bias = shape
+    block = triton_interpreter_worker.perturbed_block(width, heads, qkv_bias).cuda()
+    x, grad = torch.randn(1001, words, width, device="cuda"), torch.randn(1001, words, width, device="cuda")
+    scales = (torch.rand(1001, 2, device="cuda") > 0.2).float() / 0.8
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    weights, bias, _, eps = inner_block.block_arguments(block.double())
+    reference = inner_block.reference_backward(grad.double(), x.double(), weights, bias, heads, eps, scales=scales)
+    with float32_matmul_precision("high" if precision == "tf32" else "highest"):
+        low = block.to(dtype)
+        fast = inner_block.inner_block_backward(low, x.to(dtype), grad.to(dtype), precision=precision,
+                                                config=config, scales=scales)  # fmt: skip
+        weights, bias, _, eps = inner_block.block_arguments(low)
+        leaves = [x.to(dtype).requires_grad_(), *weights, *([bias] if qkv_bias else [])]
+        out = inner_block.reference_block(leaves[0], weights, bias, heads, eps, scales=scales.to(dtype))
+        plain = list(torch.autograd.grad(out, leaves, grad.to(dtype)))
+    if not qkv_bias:
+        assert not fast.pop().any()
+        reference.pop()
+    for name, got, own, want in zip(GRADIENT_NAMES, fast, plain, reference, strict=False):
+        error = ((got.double() - want).norm() / want.norm()).item()
+        assert error <= max(2 * ((own.double() - want).norm() / want.norm()).item(), 1e-6), (name, error)
+
+
+GRADIENT_NAMES = ["x", "norm1.w", "norm1.b", "qkv.w", "proj.w", "proj.b", "norm2.w", "norm2.b", "fc1.w", "fc1.b"]
+GRADIENT_NAMES += ["fc2.w", "fc2.b", "qkv.b"]
+
+
+@needs_gpu_triton
+@pytest.mark.parametrize("mode", ["fp32", "bf16_autocast"])
+def test_training_on_the_gpu_matches_the_plain_path(mode: str) -> None:
+    """A training step's gradients through both kernels against the explicit path (no kernel)."""
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=64, num_classes=10).cuda().train()
+    x = torch.randn(5, 3, 64, 64, device="cuda")
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16, enabled=mode == "bf16_autocast"):
+            model(x).float().square().mean().backward()
+        return [p.grad.float() for p in model.parameters()]
+
+    with fused_attention(False):
+        reference = gradients()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = gradients()
+    assert any(key[0] == "backward" and key[1].type == "cuda" and ok for key, ok in inner_block._CHECKED.items())
+    tolerance = 1e-4 if mode == "fp32" else 5e-2
+    for p, got, want in zip(model.parameters(), fast, reference, strict=True):
+        assert (got - want).abs().max().item() <= tolerance * want.abs().max().item() + 1e-7, p.shape
+
+
 @needs_gpu_triton
 @pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights"])
 def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None:
@@ -390,7 +526,7 @@ def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fast = model(x).float()
-    assert any(key[0].type == "cuda" and ok for key, ok in inner_block._CHECKED.items())
+    assert any(key[1].type == "cuda" and ok for key, ok in inner_block._CHECKED.items())
     tolerance = 1e-4 if mode == "fp32" else 3e-2 * reference.abs().max().item()
     assert (fast - reference).abs().max().item() <= tolerance
 

@@ -1,6 +1,7 @@
 """Run with TRITON_INTERPRET=1: the fused Triton inner block on CPU tensors (Triton's interpreter) against the
 plain `TransformerBlock`, block by block (differences relative to the output's size) and through whole models
-(logits); writes the measured differences to argv[1]."""
+(logits), and the backward kernel against the plain operators' gradients, block by block and through training
+steps; writes the measured differences to argv[1]."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import warnings
 
 import torch
 
+from helpers import forward_backward
 from tnt_vision.kernels import inner_block as ib
 from tnt_vision.models import create_model
 from tnt_vision.models.layers import TransformerBlock, fused_attention
@@ -57,6 +59,58 @@ def block_differences() -> dict[str, float]:
     return diffs
 
 
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest error over a list of tensors, each relative to its own largest value."""
+    return max(
+        (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-12)
+        for a, b in zip(got, want, strict=True)
+    )
+
+
+def backward_differences() -> dict[str, float]:
+    """The backward kernel (and the forward with drop-path's branch scales) against the plain operators, every
+    block, fp32 in two tile sizes, bf16, TF32 and fp16."""
+    diffs = {}
+    for name, (width, heads, words, qkv_bias, sentences) in BLOCKS.items():
+        block = perturbed_block(width, heads, qkv_bias)
+        x, scales = torch.randn(sentences, words, width), torch.tensor([[0.0, 2.0], [1.25, 0.0]]).repeat(8, 1)
+        scales = scales[:sentences]
+        args = ib.block_arguments(block)
+        out = ib.inner_block(block, x, scales=scales)
+        diffs[f"{name}_scaled"] = relative_error([out], [ib.reference_block(x, *args, scales=scales)])
+        grad = torch.randn_like(x)
+        expected = ib.reference_backward(grad, x, *args, scales=scales)
+        for rows in (16, 32):
+            got = ib.inner_block_backward(block, x, grad, scales=scales, config=(rows, 4))
+            diffs[f"{name}_backward_{rows}"] = relative_error(got, expected)
+        for precision, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("fp16", torch.float16)):
+            low = copy.deepcopy(block).to(dtype)
+            got = ib.inner_block_backward(low, x.to(dtype), grad.to(dtype), precision=precision, scales=scales)
+            diffs[f"{name}_backward_{precision}"] = relative_error(got, expected)
+    return diffs
+
+
+def training_differences() -> dict[str, float]:
+    """A training step's gradients through the kernels (eager, and compiled with AOTAutograd) against the
+    explicit path, TNT-S with and without q/k/v bias."""
+    calls = []
+    original = ib._launch_backward
+    ib._launch_backward = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    diffs = {}
+    for name in ("tnt_s_patch16_224", "tnt_b_patch16_224"):
+        model = create_model(name, depth=2, img_size=32, num_classes=10).train()
+        x = torch.randn(3, 3, 32, 32)
+        with fused_attention(False):
+            _, reference = forward_backward(model, x)
+        diffs[f"train_{name}"] = relative_error(forward_backward(model, x)[1], reference)
+        if name == "tnt_s_patch16_224":
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            diffs["train_compiled"] = relative_error(forward_backward(compiled, x)[1], reference)
+    diffs["backward_calls"] = len(calls)
+    ib._launch_backward = original
+    return diffs
+
+
 def model_differences() -> dict[str, float]:
     calls = []
     original = ib._launch
@@ -85,6 +139,7 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     torch.manual_seed(0)
     warnings.simplefilter("error")  # a kernel the first-use check switched off must fail the test
-    results = {**block_differences(), **model_differences()}
+    results = {**block_differences(), **backward_differences(), **training_differences()}
+    results |= model_differences()
     with open(sys.argv[1], "w") as f:
         json.dump(results, f)

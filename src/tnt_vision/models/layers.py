@@ -118,6 +118,10 @@ class Attention(nn.Module):
         attn = self.attention_map(q, k)
         return F.dropout(attn, drop) @ v
 
+    def dropout_rate(self) -> float:
+        """The largest dropout probability at work in training (attention weights or the projection's output)."""
+        return max(self.attn_drop, self.proj_drop.p)
+
     def attention_map(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights (B, heads, N, N); the hook point for attention visualisation."""
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
@@ -178,9 +182,11 @@ def onednn_path(module: nn.Module, x: torch.Tensor) -> bool:
 
 def records_grad(module: nn.Module, x: torch.Tensor) -> bool:
     """Training without autocast: gradients are recorded for x or for the module's parameters."""
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
-        return False
-    return x.requires_grad or any(p.requires_grad for p in module.parameters())
+    return not torch.is_autocast_enabled(x.device.type) and _needs_grad(module, x)
+
+
+def _needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def parts_hooked(module: nn.Module) -> bool:
@@ -232,22 +238,33 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_kernel_applies(x):
-            return fused_block(self, x)
+            return fused_block(self, x, self.branch_scales(x))
         return self.plain_forward(x)
 
     def fused_kernel_applies(self, x: torch.Tensor) -> bool:
-        """The one-launch Triton block (kernels.inner_block): GPU inference of short sequences, e.g. TNT's words.
+        """The Triton block (kernels.inner_block), one launch forward and one backward: short sequences, e.g. TNT's
+        words, on a GPU, in inference and training (drop-path included; dropout inside the block is not).
 
         Kept under torch.compile (an opaque operator in its graph), not in graphs that leave PyTorch."""
         if exporting_graph() or not (fused_attention_enabled() and inner_block_applies(x)):
             return False
-        if self.training or self.se is not None or not isinstance(self.mlp.act, nn.GELU):
+        if self.se is not None or not self.mlp.fusable() or (self.training and self.attn.dropout_rate() > 0):
             return False
         if not inner_block_fits(x.shape[1], x.shape[2], self.attn.num_heads):  # before the scans below
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
+        if torch.are_deterministic_algorithms_enabled() and _needs_grad(self, x):
+            return False  # the backward sums weight gradients by atomic additions, in no fixed order
         return not parts_hooked(self)
+
+    def branch_scales(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Drop-path's keep mask for the fused block: (sentences, 2) scales of the attention's and the MLP's
+        branch, drawn as `DropPath` draws them (one per sample of x, i.e. per sentence); None where it is off."""
+        drop = self.drop_path
+        if not (self.training and isinstance(drop, DropPath) and drop.drop_prob > 0):
+            return None
+        keep = 1.0 - drop.drop_prob
+        scales = torch.empty(x.shape[0], 2, device=x.device).bernoulli_(keep)
+        return scales.div_(keep) if drop.scale_by_keep else scales
 
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         lean, low = lean_path(self, x)
