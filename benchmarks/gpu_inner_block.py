@@ -7,8 +7,10 @@
    fp32 and fp32 with TF32 products allowed. Median of CUDA-event timings (`triton.testing.do_bench`), inputs
    rotated; with the bytes the kernel must move (the words in and out, once) over a device-to-device copy's
    bandwidth measured here, as its floor.
-2. The whole model's inference with the kernel and without it (`TNT_VISION_GPU_KERNELS`), against timm's TNT:
-   contenders interleaved round by round (`bench.interleaved_times`), medians.
+2. The same block's forward + backward: plain (autograd) against both kernels, and the backward kernel alone in
+   each configuration it is tuned over.
+3. The whole model with the kernels and without them (`TNT_VISION_GPU_KERNELS`), against timm's TNT: inference,
+   and a forward + backward step: contenders interleaved round by round (`bench.interleaved_times`), medians.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from triton.testing import do_bench
 from tnt_vision.bench import BenchConfig, build_module, interleaved_times, make_inputs
 from tnt_vision.io import atomic_write
 from tnt_vision.kernels import inner_block as ib
+from tnt_vision.kernels import triton_block as tb
 from tnt_vision.models import create_model
 
 PATCHES = 196  # 224 / 16 squared
@@ -72,6 +75,33 @@ def block_times(model: str, batch: int, dtype: str, bandwidth: float) -> dict[st
     return {"model": model, "dtype": dtype, "sentences": batch * PATCHES, "width": width, **result}
 
 
+def block_training_times(model: str, batch: int, dtype: str) -> dict[str, Any]:
+    """One inner block's forward + backward over a batch's sentences: plain and fused; the backward kernel alone
+    per configuration (ms, medians)."""
+    block = create_model(model).blocks[0].inner.cuda().train()
+    width, words = block.norm1.normalized_shape[0], 16
+    inputs = [torch.randn(batch * PATCHES, words, width, device="cuda", requires_grad=True) for _ in range(3)]
+    grad = torch.randn_like(inputs[0])
+
+    def step(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], object]:
+        def run(x: torch.Tensor) -> None:
+            with autocast(dtype):
+                out = forward(x)
+            out.backward(grad)
+
+        return run
+
+    with autocast(dtype):
+        precision = ib.products(inputs[0])
+    result = {"plain": median_ms(rotating(inputs, step(block.plain_forward)))}
+    result["fused"] = median_ms(rotating(inputs, step(lambda x: ib.fused_block(block, x))))
+    result["chosen backward"] = ib.tuned_config(precision, ib.BACKWARD)
+    for config in tb.EXACT_BACKWARD_CONFIGS if precision == "ieee" else tb.BACKWARD_CONFIGS:
+        kernel = lambda x, c=config: ib.inner_block_backward(block, x.detach(), grad, precision=precision, config=c)  # noqa: E731
+        result[f"backward {config}"] = median_ms(rotating(inputs, kernel))
+    return {"model": model, "dtype": dtype, "sentences": batch * PATCHES, "width": width, "fwd+bwd ms": result}
+
+
 def autocast(dtype: str) -> Any:
     """bf16: autocast; fp32: exact fp32 products; tf32: fp32 with TF32 products allowed (for the model too)."""
     if dtype == "bf16":
@@ -85,17 +115,22 @@ def set_kernel(on: bool) -> None:
     ib.triton_available.cache_clear()
 
 
-def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]:
-    """Inference of the whole model: ours with and without the kernel, timm's TNT (ms per batch, medians)."""
+def model_times(model: str, batch: int, dtype: str, runs: int, train: bool = False) -> dict[str, Any]:
+    """The whole model, ours with and without the kernels and timm's TNT (ms per batch, medians): inference, or
+    with `train` a forward + backward step (no optimizer)."""
     cfg = BenchConfig(model=model, batch=batch, runs=runs, warmup=3, device="cuda")
-    ours = create_model(model).cuda().eval()
-    timm_model = build_module("timm", model, 224).cuda().eval()
+    ours = create_model(model).cuda().train(train)
+    timm_model = build_module("timm", model, 224).cuda().train(train)
 
     def forward(module: torch.nn.Module, kernel: bool) -> Callable[[torch.Tensor], object]:
         def step(x: torch.Tensor) -> object:
             set_kernel(kernel)
-            with torch.inference_mode(), autocast(dtype):
-                return module(x)
+            with torch.inference_mode(not train), autocast(dtype):
+                out = module(x)
+            if train:
+                module.zero_grad(set_to_none=True)
+                out.float().mean().backward()
+            return out
 
         return step
 
@@ -104,7 +139,7 @@ def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]
     times = interleaved_times(steps, make_inputs(cfg, batch), cfg)
     set_kernel(True)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return {"model": model, "dtype": dtype, "batch": batch, "ms": medians}
+    return {"model": model, "dtype": dtype, "batch": batch, "train": train, "ms": medians}
 
 
 def main() -> None:
@@ -127,9 +162,13 @@ def main() -> None:
             row = block_times(model, args.batch, dtype, bandwidth)
             report["blocks"].append(row)
             print(json.dumps(row))
-            row = model_times(model, args.batch, dtype, args.runs)
-            report["models"].append(row)
+            row = block_training_times(model, args.batch, dtype)
+            report["blocks"].append(row)
             print(json.dumps(row))
+            for train in (False, True):
+                row = model_times(model, args.batch, dtype, args.runs, train)
+                report["models"].append(row)
+                print(json.dumps(row))
     atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
 
 

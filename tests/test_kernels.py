@@ -261,6 +261,17 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
     assert diffs["backward_calls"] == 6  # TNT-S, compiled TNT-S and TNT-B: 2 inner blocks each
 
 
+@needs_triton
+def test_triton_compiles_both_kernels_for_a_hopper_gpu_without_one() -> None:
+    """Triton's own compiler and ptxas (which the interpreter never runs) accept the kernels for sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT / "src")}
+    script = ROOT / "benchmarks" / "gpu_compile_check.py"
+    args = ["--quick", "--precisions", "bf16", "--shapes", "tnt_s"]
+    res = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert res.stdout.count("REG:") == 2, res.stdout  # forward and backward
+
+
 def test_inner_block_steps_aside_on_the_cpu_and_where_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     block = create_model("tnt_s_patch16_224", depth=1, img_size=32, drop_path_rate=0.1).blocks[0].inner.eval()
