@@ -211,10 +211,9 @@ if triton is not None:
         return a * cdf, cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327  # 1 / sqrt(2 pi)
 
     @triton.jit
-    def _hidden(h, fc1_w, fc1_b, cols, hidden, WIDTH: tl.constexpr, HIDDEN: tl.constexpr, PRECISION: tl.constexpr):
-        """One column block of the MLP's hidden layer before GELU: LN(x) @ fc1^T + b."""
-        a = _dot(h, _weight_t(fc1_w, cols, hidden, WIDTH, HIDDEN, 0), PRECISION)
-        return a + _bias(fc1_b, hidden, HIDDEN, 0)[None, :]
+    def _hidden(h, fc1_t, fc1_b, hidden, HIDDEN: tl.constexpr, PRECISION: tl.constexpr):
+        """One column block of the MLP's hidden layer before GELU: LN(x) @ fc1^T + b (fc1_t: that block of fc1^T)."""
+        return _dot(h, fc1_t, PRECISION) + _bias(fc1_b, hidden, HIDDEN, 0)[None, :]
 
     @triton.jit
     def _attention_branch(
@@ -260,7 +259,8 @@ if triton is not None:
         mlp = tl.zeros((ROWS, C_PAD), dtype=tl.float32)
         for start in range(0, HIDDEN, H_BLOCK):
             hidden = start + tl.arange(0, H_BLOCK)
-            activated, _slope = _gelu_parts(_hidden(h, fc1_w, fc1_b, cols, hidden, WIDTH, HIDDEN, PRECISION))
+            fc1_t = _weight_t(fc1_w, cols, hidden, WIDTH, HIDDEN, 0)
+            activated, _slope = _gelu_parts(_hidden(h, fc1_t, fc1_b, hidden, HIDDEN, PRECISION))
             mlp += _dot(activated, _weight_t(fc2_w, hidden, cols, HIDDEN, WIDTH, 0), PRECISION)
         x += keep_mlp[:, None] * (mlp + _bias(fc2_b, cols, WIDTH, 0)[None, :])
         tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -330,13 +330,14 @@ if triton is not None:
         d_h2 = tl.zeros((ROWS, C_PAD), dtype=tl.float32)
         for start in range(0, HIDDEN, H_BLOCK):
             hidden = start + tl.arange(0, H_BLOCK)
-            activated, slope = _gelu_parts(_hidden(h2, fc1_w, fc1_b, cols, hidden, WIDTH, HIDDEN, PRECISION))
+            fc1_t = _weight_t(fc1_w, cols, hidden, WIDTH, HIDDEN, 0)
+            activated, slope = _gelu_parts(_hidden(h2, fc1_t, fc1_b, hidden, HIDDEN, PRECISION))
             fc2_t = _weight_t(fc2_w, hidden, cols, HIDDEN, WIDTH, 0)
             _add_weight_t(g_ptr + G_FC2_W, _dot(tl.trans(activated), d_mlp, PRECISION), hidden, cols, HIDDEN, WIDTH, 0)
             d_a = _dot(d_mlp, tl.trans(fc2_t), PRECISION) * slope
             _add_bias(g_ptr + G_FC1_B, d_a, hidden, HIDDEN, 0)
             _add_weight_t(g_ptr + G_FC1_W, _dot(tl.trans(h2), d_a, PRECISION), cols, hidden, WIDTH, HIDDEN, 0)
-            d_h2 += _dot(d_a, tl.trans(_weight_t(fc1_w, cols, hidden, WIDTH, HIDDEN, 0)), PRECISION)
+            d_h2 += _dot(d_a, tl.trans(fc1_t), PRECISION)
         d_x = grad + _layer_norm_backward(d_h2, x_hat2, rstd2, n2w, g_ptr + G_N2W, g_ptr + G_N2W + WIDTH, cols, WIDTH)
 
         # the attention branch backward; q, k, v again from LN(x)
