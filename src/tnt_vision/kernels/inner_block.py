@@ -262,7 +262,7 @@ def fused_inner_block(
     """
     args = (x, weights, qkv_bias, heads, eps)
     return _checked(
-        ("forward", x.device, x.dtype, precision, tuple(x.shape[1:]), heads, scales is not None),
+        _key("forward", x, heads, precision, scales),
         lambda: _launch(*args, precision=precision, scales=scales),
         lambda: reference_block(*args, scales=scales),
         precision,
@@ -288,7 +288,7 @@ def fused_inner_block_backward(
     """The backward kernel, checked against `reference_backward` as the forward is against `reference_block`."""
     args = (grad, x, weights, qkv_bias, heads, eps)
     return _checked(
-        ("backward", x.device, x.dtype, precision, tuple(x.shape[1:]), heads, scales is not None),
+        _key("backward", x, heads, precision, scales),
         lambda: _launch_backward(*args, precision=precision, scales=scales),
         lambda: reference_backward(*args, scales=scales),
         precision,
@@ -319,6 +319,11 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
 fused_inner_block.register_autograd(_backward, setup_context=_save_input)
 
 
+def _key(kernel: str, x: torch.Tensor, heads: int, precision: str, scales: torch.Tensor | None) -> tuple[Any, ...]:
+    """What a kernel is checked once for: direction, device, dtype, precision, shape, branch scales or none."""
+    return (kernel, x.device, x.dtype, precision, tuple(x.shape[1:]), heads, scales is not None)
+
+
 def _checked(key: tuple[Any, ...], kernel: Callable[[], T], reference: Callable[[], T], precision: str) -> T:
     """The kernel's result where it ran and (on the first call for `key`) matched the reference; else the
     reference's, the kernel then switched off for `key` with one warning."""
@@ -332,15 +337,24 @@ def _checked(key: tuple[Any, ...], kernel: Callable[[], T], reference: Callable[
     if key in _CHECKED:
         return out
     expected = reference()
-    pairs = zip([out] if isinstance(out, torch.Tensor) else out, [expected] if isinstance(expected, torch.Tensor)
-                else expected, strict=True)  # fmt: skip
-    for got, want in pairs:
-        error = (got.float() - want.float()).abs().max().item()
-        size = max(want.float().abs().max().item(), 1.0 if key[0] == "forward" else 1e-12)
-        if not error <= (1e-4 if precision == "ieee" else 5e-2) * size:
-            return _give_up(key, f"differs from the plain path by {error:.3g}", expected)
+    error = _disagreement(out, expected, 1e-4 if precision == "ieee" else 5e-2)
+    if error is not None:
+        return _give_up(key, f"differs from the plain path by {error:.3g}", expected)
     _CHECKED[key] = True
     return out
+
+
+def _disagreement(got: T, want: T, tolerance: float) -> float | None:
+    """The first largest difference beyond `tolerance` times its tensor's largest value, or None."""
+    for a, b in zip(_listed(got), _listed(want), strict=True):
+        error = (a.float() - b.float()).abs().max().item()
+        if not error <= tolerance * max(b.float().abs().max().item(), 1e-12):
+            return error
+    return None
+
+
+def _listed(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t] if isinstance(t, torch.Tensor) else t
 
 
 def reference_block(
