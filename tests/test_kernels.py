@@ -262,6 +262,15 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
 
 
 @needs_triton
+def test_the_autotuner_tries_only_configurations_holding_whole_sentences() -> None:
+    """The GPU autotuner's pruning (not run under the interpreter, which launches fixed configurations)."""
+    configs = triton_block.FORWARD["bf16"].configs
+    assert triton_block.whole_sentences(configs, {}, M_PAD=16) == configs  # 16 words: every configuration
+    pruned = triton_block.whole_sentences(triton_block.BACKWARD["ieee"].configs, {}, M_PAD=64)
+    assert sorted((c.kwargs["ROWS"], c.num_warps) for c in pruned) == [(64, 4), (64, 8)]  # 16, 32 rows -> 64
+
+
+@needs_triton
 def test_triton_compiles_both_kernels_for_a_hopper_gpu_without_one() -> None:
     """Triton's own compiler and ptxas (which the interpreter never runs) accept the kernels for sm_90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT / "src")}

@@ -357,18 +357,19 @@ if triton is not None:
         d_x += _layer_norm_backward(d_h1, x_hat1, rstd1, n1w, g_ptr, g_ptr + WIDTH, cols, WIDTH)
         tl.store(dx_ptr + offsets, d_x.to(dx_ptr.dtype.element_ty), mask=io_mask)
 
-    def _whole_sentences(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+    def whole_sentences(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
         """Configurations with at least one sentence per program (ROWS >= M_PAD), duplicates dropped."""
         kept = {}
         for config in configs:
-            rows = max(config.kwargs["ROWS"], kwargs["M_PAD"])
-            kept.setdefault((rows, *config.kwargs.values(), config.num_warps), (config, rows))
-        return [triton.Config({**c.kwargs, "ROWS": rows}, num_warps=c.num_warps) for c, rows in kept.values()]
+            constants = {**config.kwargs, "ROWS": max(config.kwargs["ROWS"], kwargs["M_PAD"])}
+            warps = config.num_warps
+            kept.setdefault((*constants.items(), warps), triton.Config(constants, num_warps=warps))
+        return list(kept.values())
 
     def _autotuned(kernel: Any, configs: list[Any], **options: Any) -> Any:
         # size_class (the sentence count's bit length) is unused by the kernels: it keys a new tuning per batch scale
         key = ["size_class", "WORDS", "WIDTH", "HEADS", "HIDDEN"]
-        prune = {"early_config_prune": _whole_sentences}
+        prune = {"early_config_prune": whole_sentences}
         return triton.autotune(configs, key=key, prune_configs_by=prune, **options)(kernel)
 
     def _forward_configs(configs: tuple[tuple[int, bool, int], ...]) -> list[Any]:
