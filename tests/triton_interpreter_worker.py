@@ -108,7 +108,21 @@ def training_differences() -> dict[str, float]:
             diffs["train_compiled"] = relative_error(forward_backward(compiled, x)[1], reference)
     diffs["backward_calls"] = len(calls)
     ib._launch_backward = original
+    diffs["train_checkpointed"] = checkpointing_difference()
     return diffs
+
+
+def checkpointing_difference() -> float:
+    """Gradients with drop-path through the kernels, with and without checkpointing (which runs each block again
+    in backward): the same masks must be drawn again, so the same seed gives the same gradients."""
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=10, drop_path_rate=0.5).train()
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    _, plain = forward_backward(model, x)
+    model.set_grad_checkpointing()
+    torch.manual_seed(1)
+    _, checkpointed = forward_backward(model, x)
+    return relative_error(checkpointed, plain)
 
 
 def model_differences() -> dict[str, float]:
