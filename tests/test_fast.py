@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -443,11 +444,30 @@ def test_onednn_leaves_inference_weights_unpacked() -> None:
     assert onednn.packed(weight, 2) is weight
 
 
+def benchmark_module(name: str) -> ModuleType:
+    """A script of benchmarks/ imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fused_inner_block_keeps_only_its_input_for_backward() -> None:
+    """`benchmarks/saved_activations.py`: autograd's saved bytes, plain block against the fused operator."""
+    saved = benchmark_module("saved_activations")
+    model = create_model("tnt_ti_patch16_224", depth=1).train()
+    block = model.blocks[0].inner
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    words = torch.randn(196, 16, 12, requires_grad=True)
+    with fused_attention(False):
+        plain = saved.saved_bytes(lambda: block.plain_forward(words), parameters)
+    fused = saved.saved_bytes(lambda: saved.fused_without_a_gpu(block, words), parameters)
+    assert fused == words.numel() * 4  # the fp32 input, nothing else
+    assert plain > 8 * fused
+
+
 def test_time_breakdown_sorts_operators_into_products_attention_and_rest(tmp_path: Path) -> None:
-    script = Path(__file__).parents[1] / "benchmarks" / "time_breakdown.py"
-    spec = importlib.util.spec_from_file_location("time_breakdown", script)
-    breakdown = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(breakdown)
+    breakdown = benchmark_module("time_breakdown")
     assert breakdown.kind("aten::addmm") == breakdown.kind("mkldnn::_linear_pointwise") == "products"
     assert breakdown.kind("tnt_vision::word_attention_backward") == "attention"
     assert breakdown.kind("aten::native_layer_norm") == "rest"
