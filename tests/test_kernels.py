@@ -261,6 +261,22 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
     assert diffs["backward_calls"] == 6  # TNT-S, compiled TNT-S and TNT-B: 2 inner blocks each
 
 
+def test_the_models_work_where_triton_is_not_installed() -> None:
+    """Triton ships with PyTorch's Linux wheels only: elsewhere the kernels' modules import and step aside."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from tnt_vision.kernels import inner_block\n"
+        "from tnt_vision.models import create_model\n"
+        "assert inner_block.triton is None and not inner_block.inner_block_applies(torch.randn(2, 16, 24))\n"
+        "model = create_model('tnt_s_patch16_224', depth=1, img_size=32, num_classes=3)\n"
+        "model(torch.randn(2, 3, 32, 32)).sum().backward()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @needs_triton
 def test_the_autotuner_tries_only_configurations_holding_whole_sentences() -> None:
     """The GPU autotuner's pruning (not run under the interpreter, which launches fixed configurations)."""

@@ -390,6 +390,9 @@ if triton is not None:
     }
     forward_kernel = _inner_block_kernel
     backward_kernel = _inner_block_backward_kernel
+else:  # the plain path serves everything
+    FORWARD, BACKWARD = {}, {}
+    forward_kernel = backward_kernel = None
 
 
 def gradient_sizes(width: int, hidden: int) -> list[int]:
