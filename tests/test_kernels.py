@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -326,13 +327,18 @@ def test_inner_block_steps_aside_on_the_cpu_and_where_it_cannot_serve(monkeypatc
 
 
 @contextlib.contextmanager
-def deterministic_algorithms() -> Iterator[None]:
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+def global_setting(read: Callable[[], object], write: Callable[[Any], None], value: object) -> Iterator[None]:
+    """One of torch's global settings changed for the block, then restored."""
+    previous = read()
+    write(value)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        write(previous)
+
+
+def deterministic_algorithms() -> contextlib.AbstractContextManager[None]:
+    return global_setting(torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms, True)
 
 
 def test_branch_scales_are_drop_paths_mask_per_sentence() -> None:
@@ -444,14 +450,8 @@ GPU_CASES += [(precision, (32 if precision == "ieee" else 64, batched, 4), shape
               for batched in (False, True) for shape in ((40, 4, 16, True), (24, 4, 9, False))]  # fmt: skip
 
 
-@contextlib.contextmanager
-def float32_matmul_precision(precision: str) -> Iterator[None]:
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+def float32_matmul_precision(precision: str) -> contextlib.AbstractContextManager[None]:
+    return global_setting(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, precision)
 
 
 def test_products_follow_the_plain_paths_precision() -> None:
