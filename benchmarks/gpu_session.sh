@@ -46,8 +46,8 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
     table="python3 benchmarks/perf_table.py --device cuda --batch 256 --runs 10 --warmup 3"
-    tests="python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py"
-    step 180 60 $tests -k "gpu and (backward or training)"
+    tests="python3 -m pytest -v -p no:cacheprovider tests/test_kernels.py"  # -v: a line per test, even if cut
+    step 240 60 $tests -k "gpu and (backward or training)"
     step 150 60 $table --models tnt_s_patch16_224 --settings bf16-train --out "$RES/train"
     step 150 50 python3 benchmarks/gpu_inner_block.py --batch 256 --dtypes bf16 --out "$RES/gpu_inner_block.json"
     step 200 60 $tests -k "gpu and not backward and not training"
