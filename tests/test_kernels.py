@@ -374,6 +374,23 @@ def test_reference_backward_is_autograd_of_the_reference_block() -> None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_the_first_use_check_waits_for_finite_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 training's first steps often overflow (GradScaler's first scale): no verdict on infinities."""
+    block = triton_interpreter_worker.perturbed_block(24, 4, False)
+    weights, bias, heads, eps = inner_block.block_arguments(block)
+    x, grad = torch.randn(3, 16, 24), torch.randn(3, 16, 24)
+    monkeypatch.setattr(inner_block, "_CHECKED", {})
+    monkeypatch.setattr(inner_block, "_launch_backward", lambda g, *a, **k: inner_block.reference_backward(g, *a))
+    overflowed = grad.clone()
+    overflowed[0, 0, 0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inner_block.fused_inner_block_backward(overflowed, x, weights, bias, heads, eps, "fp16")
+        assert inner_block._CHECKED == {}
+        inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "fp16")
+    assert list(inner_block._CHECKED.values()) == [True]
+
+
 def test_a_backward_kernel_that_disagrees_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     block = triton_interpreter_worker.perturbed_block(24, 4, False)
     weights, bias, heads, eps = inner_block.block_arguments(block)

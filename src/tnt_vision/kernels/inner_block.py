@@ -337,6 +337,8 @@ def _checked(key: tuple[Any, ...], kernel: Callable[[], T], reference: Callable[
     if key in _CHECKED:
         return out
     expected = reference()
+    if not all(t.isfinite().all() for t in _listed(expected)):  # e.g. fp16 gradients a GradScaler made overflow
+        return expected  # nothing to compare: the check waits for a finite call
     error = _disagreement(out, expected, 1e-4 if precision == "ieee" else 5e-2)
     if error is not None:
         return _give_up(key, f"differs from the plain path by {error:.3g}", expected)
