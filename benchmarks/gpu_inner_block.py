@@ -8,7 +8,8 @@
    rotated; with the bytes the kernel must move (the words in and out, once) over a device-to-device copy's
    bandwidth measured here, as its floor.
 2. The same block's forward + backward: plain (autograd) against both kernels, and the backward kernel alone in
-   each configuration it is tuned over.
+   each configuration it is tuned over, and in the chosen one with fewer and more gradient slots (atomics'
+   contention).
 3. The whole model with the kernels and without them (`TNT_VISION_GPU_KERNELS`), against timm's TNT: inference,
    and a forward + backward step: contenders interleaved round by round (`bench.interleaved_times`), medians.
 """
@@ -99,6 +100,12 @@ def block_training_times(model: str, batch: int, dtype: str) -> dict[str, Any]:
     for config in tb.EXACT_BACKWARD_CONFIGS if precision == "ieee" else tb.BACKWARD_CONFIGS:
         kernel = lambda x, c=config: ib.inner_block_backward(block, x.detach(), grad, precision=precision, config=c)  # noqa: E731
         result[f"backward {config}"] = median_ms(rotating(inputs, kernel))
+    chosen = result["chosen backward"]
+    for slots in (1, 8, 512) if chosen else ():  # contention of the weight gradients' atomic additions
+        kernel = lambda x, s=slots: ib.inner_block_backward(  # noqa: E731
+            block, x.detach(), grad, precision=precision, config=chosen, slots=s
+        )
+        result[f"backward {chosen}, {slots} slots (default {ib.SLOTS})"] = median_ms(rotating(inputs, kernel))
     return {"model": model, "dtype": dtype, "sentences": batch * PATCHES, "width": width, "fwd+bwd ms": result}
 
 

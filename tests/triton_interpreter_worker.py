@@ -83,6 +83,8 @@ def backward_differences() -> dict[str, float]:
         for rows in (16, 32):
             got = ib.inner_block_backward(block, x, grad, scales=scales, config=(rows, 4))
             diffs[f"{name}_backward_{rows}"] = relative_error(got, expected)
+        got = ib.inner_block_backward(block, x, grad, scales=scales, config=(16, 4), slots=1)  # all in one copy
+        diffs[f"{name}_backward_one_slot"] = relative_error(got, expected)
         for precision, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("fp16", torch.float16)):
             low = copy.deepcopy(block).to(dtype)
             got = ib.inner_block_backward(low, x.to(dtype), grad.to(dtype), precision=precision, scales=scales)

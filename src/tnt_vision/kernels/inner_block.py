@@ -88,11 +88,13 @@ def inner_block_backward(
     precision: str = "ieee",
     config: tuple[int, int] | None = None,
     scales: torch.Tensor | None = None,
+    slots: int = SLOTS,
 ) -> list[torch.Tensor]:
     """The gradients of `inner_block` for its output's gradient `grad`, in one launch, unchecked: x's, then the
     weights' in `block_arguments`' order, then the q/k/v bias's (zeros without one). `config` is (rows per program,
-    warps), one of `BACKWARD_CONFIGS`."""
-    return _launch_backward(grad, x, *block_arguments(block), precision=precision, config=config, scales=scales)
+    warps), one of `BACKWARD_CONFIGS`; `slots`, how many copies of the weight gradients the programs add into."""
+    arguments = block_arguments(block)
+    return _launch_backward(grad, x, *arguments, precision=precision, config=config, scales=scales, slots=slots)
 
 
 def block_arguments(block: Any) -> tuple[list[torch.Tensor], torch.Tensor | None, int, list[float]]:
@@ -172,15 +174,16 @@ def _launch_backward(
     precision: str,
     config: tuple[int, int] | None = None,
     scales: torch.Tensor | None = None,
+    slots: int = SLOTS,
 ) -> list[torch.Tensor]:
     tail, constants = _kernel_inputs(x, weights, qkv_bias, heads, eps, scales)
     x, grad = x.contiguous(), grad.contiguous()
     dx = torch.empty_like(x)
     sizes = gradient_sizes(constants["WIDTH"], constants["HIDDEN"])
-    slots = torch.zeros(SLOTS, sum(sizes), device=x.device, dtype=torch.float32)
+    sums = torch.zeros(slots, sum(sizes), device=x.device, dtype=torch.float32)
     sentences = x.shape[0]
-    args = (x, grad, dx, x if scales is None else scales.contiguous(), slots, sentences, sentences.bit_length())
-    args += (SLOTS, *tail)
+    args = (x, grad, dx, x if scales is None else scales.contiguous(), sums, sentences, sentences.bit_length())
+    args += (slots, *tail)
     grid = _grid(sentences, constants["M_PAD"])
     config = config or (None if x.is_cuda else INTERPRETER_BACKWARD_CONFIG)
     if config is None:
@@ -188,7 +191,7 @@ def _launch_backward(
     else:
         fixed = {"ROWS": max(config[0], constants["M_PAD"])}  # at least one sentence
         backward_kernel[grid(fixed)](*args, **constants, **fixed, PRECISION=precision, num_warps=config[1])
-    *totals, qkv_total = slots.sum(0).split(sizes)  # copies below: an operator's outputs may not alias
+    *totals, qkv_total = sums.sum(0).split(sizes)  # copies below: an operator's outputs may not alias
     bias_dtype = weights[2].dtype if qkv_bias is None else qkv_bias.dtype
     grads = [t.view_as(w).to(w.dtype, copy=True) for t, w in zip(totals, weights, strict=True)]
     return [dx, *grads, qkv_total.to(bias_dtype, copy=True)]
