@@ -375,6 +375,27 @@ def test_reference_backward_is_autograd_of_the_reference_block() -> None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_the_first_use_check_runs_on_a_few_sentences_of_a_large_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its cost must not grow with the batch: a check on the first CHECK_SENTENCES, then the kernel on all."""
+    block = triton_interpreter_worker.perturbed_block(24, 4, False)
+    weights, bias, heads, eps = inner_block.block_arguments(block)
+    x, grad = torch.randn(7, 16, 24), torch.randn(7, 16, 24)
+    monkeypatch.setattr(inner_block, "_CHECKED", {})
+    monkeypatch.setattr(inner_block, "CHECK_SENTENCES", 3)
+    kernel_sizes, reference_sizes = [], []
+    monkeypatch.setattr(inner_block, "_launch_backward", lambda g, *a, precision, **k: kernel_sizes.append(len(g))
+                        or reference(g, *a, **k))  # fmt: skip
+    reference = inner_block.reference_backward
+    monkeypatch.setattr(inner_block, "reference_backward", lambda g, *a, **k: reference_sizes.append(len(g)) or
+                        reference(g, *a, **k))  # fmt: skip
+    for _ in range(2):
+        got = inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "ieee")
+    assert kernel_sizes == [3, 7, 7]  # checked on 3 sentences, then trusted
+    assert reference_sizes == [3]
+    for a, b in zip(got, reference(grad, x, weights, bias, heads, eps), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_the_first_use_check_waits_for_finite_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 training's first steps often overflow (GradScaler's first scale): no verdict on infinities."""
     block = triton_interpreter_worker.perturbed_block(24, 4, False)

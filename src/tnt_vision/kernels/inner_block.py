@@ -43,6 +43,7 @@ MAX_WORDS = 64  # longest sentence served (TNT: 16 words)
 MAX_WIDTH = 128  # widest inner transformer served (TNT-S: 24, TNT-B: 40)
 INTERPRETER_CONFIG = (64, True, 4)  # Triton's interpreter cannot time configurations
 INTERPRETER_BACKWARD_CONFIG = (32, 4)
+CHECK_SENTENCES = 255  # what a kernel's first-use check runs on (a last program part-filled)
 SLOTS = 64  # the backward's programs add their weight gradients into this many copies (less contention)
 __all__ = ["CONFIGS", "EXACT_CONFIGS", "PRECISIONS"]
 
@@ -263,11 +264,12 @@ def fused_inner_block(
     on) is switched off for that configuration with one warning, and the reference's result is used: never a
     wrong one.
     """
-    args = (x, weights, qkv_bias, heads, eps)
+
     return _checked(
         _key("forward", x, heads, precision, scales),
-        lambda: _launch(*args, precision=precision, scales=scales),
-        lambda: reference_block(*args, scales=scales),
+        lambda s: _launch(x[s], weights, qkv_bias, heads, eps, precision=precision, scales=_take(scales, s)),
+        lambda s: reference_block(x[s], weights, qkv_bias, heads, eps, scales=_take(scales, s)),
+        x.shape[0],
         precision,
     )
 
@@ -289,11 +291,13 @@ def fused_inner_block_backward(
     scales: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The backward kernel, checked against `reference_backward` as the forward is against `reference_block`."""
-    args = (grad, x, weights, qkv_bias, heads, eps)
+
+    args = (weights, qkv_bias, heads, eps)
     return _checked(
         _key("backward", x, heads, precision, scales),
-        lambda: _launch_backward(*args, precision=precision, scales=scales),
-        lambda: reference_backward(*args, scales=scales),
+        lambda s: _launch_backward(grad[s], x[s], *args, precision=precision, scales=_take(scales, s)),
+        lambda s: reference_backward(grad[s], x[s], *args, scales=_take(scales, s)),
+        x.shape[0],
         precision,
     )
 
@@ -327,26 +331,52 @@ def _key(kernel: str, x: torch.Tensor, heads: int, precision: str, scales: torch
     return (kernel, x.device, x.dtype, precision, tuple(x.shape[1:]), heads, scales is not None)
 
 
-def _checked(key: tuple[Any, ...], kernel: Callable[[], T], reference: Callable[[], T], precision: str) -> T:
-    """The kernel's result where it ran and (on the first call for `key`) matched the reference; else the
-    reference's, the kernel then switched off for `key` with one warning."""
+def _checked(
+    key: tuple[Any, ...], kernel: Callable[[slice], T], reference: Callable[[slice], T], sentences: int, precision: str
+) -> T:
+    """The kernel's result over all sentences where it ran and (on the first call for `key`) matched the reference
+    on the first `CHECK_SENTENCES` (a check costing the same at any batch size); else the reference's, the kernel
+    then switched off for `key` with one warning. `kernel` and `reference` take the sentences to run on."""
+    whole = slice(None)
     if _CHECKED.get(key) is False:
-        return reference()
+        return reference(whole)
+    if key not in _CHECKED:
+        sample = whole if sentences <= CHECK_SENTENCES else slice(0, CHECK_SENTENCES)
+        out, problem = _tried(kernel, reference, sample, precision)
+        if problem:
+            return _give_up(key, problem, reference(whole))
+        if problem == "":  # e.g. fp16 gradients a GradScaler made overflow: the check waits for a finite call
+            return reference(whole)
+        _CHECKED[key] = True
+        if sample == whole:
+            return out
     try:
-        out = kernel()
+        return kernel(whole)
+    except Exception as error:  # checked on fewer sentences, but failing here: off all the same
+        return _give_up(key, _reason(error), reference(whole))
+
+
+def _tried(kernel: Callable[[slice], T], reference: Callable[[slice], T], sample: slice, precision: str
+           ) -> tuple[T | None, str | None]:  # fmt: skip
+    """The kernel's result on `sample`, and what is wrong with it: None (it matches the reference), "" (the
+    reference is not finite: no verdict), or why it cannot be trusted."""
+    try:
+        out = kernel(sample)
     except Exception as error:  # a triton/driver combination the kernel cannot compile for
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-        return _give_up(key, reason, reference())
-    if key in _CHECKED:
-        return out
-    expected = reference()
-    if not all(t.isfinite().all() for t in _listed(expected)):  # e.g. fp16 gradients a GradScaler made overflow
-        return expected  # nothing to compare: the check waits for a finite call
+        return None, _reason(error)
+    expected = reference(sample)
+    if not all(t.isfinite().all() for t in _listed(expected)):
+        return out, ""
     error = _disagreement(out, expected, 1e-4 if precision == "ieee" else 5e-2)
-    if error is not None:
-        return _give_up(key, f"differs from the plain path by {error:.3g}", expected)
-    _CHECKED[key] = True
-    return out
+    return out, None if error is None else f"differs from the plain path by {error:.3g}"
+
+
+def _take(t: torch.Tensor | None, sentences: slice) -> torch.Tensor | None:
+    return None if t is None else t[sentences]
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 def _disagreement(got: T, want: T, tolerance: float) -> float | None:
