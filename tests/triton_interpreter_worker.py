@@ -5,11 +5,13 @@ steps; writes the measured differences to argv[1]."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -95,21 +97,18 @@ def backward_differences() -> dict[str, float]:
 def training_differences() -> dict[str, float]:
     """A training step's gradients through the kernels (eager, and compiled with AOTAutograd) against the
     explicit path, TNT-S with and without q/k/v bias."""
-    calls = []
-    original = ib._launch_backward
-    ib._launch_backward = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
     diffs = {}
-    for name in ("tnt_s_patch16_224", "tnt_b_patch16_224"):
-        model = create_model(name, depth=2, img_size=32, num_classes=10).train()
-        x = torch.randn(3, 3, 32, 32)
-        with fused_attention(False):
-            _, reference = forward_backward(model, x)
-        diffs[f"train_{name}"] = relative_error(forward_backward(model, x)[1], reference)
-        if name == "tnt_s_patch16_224":
-            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-            diffs["train_compiled"] = relative_error(forward_backward(compiled, x)[1], reference)
+    with counted("_launch_backward") as calls:
+        for name in ("tnt_s_patch16_224", "tnt_b_patch16_224"):
+            model = create_model(name, depth=2, img_size=32, num_classes=10).train()
+            x = torch.randn(3, 3, 32, 32)
+            with fused_attention(False):
+                _, reference = forward_backward(model, x)
+            diffs[f"train_{name}"] = relative_error(forward_backward(model, x)[1], reference)
+            if name == "tnt_s_patch16_224":
+                compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+                diffs["train_compiled"] = relative_error(forward_backward(compiled, x)[1], reference)
     diffs["backward_calls"] = len(calls)
-    ib._launch_backward = original
     diffs["train_checkpointed"] = checkpointing_difference()
     return diffs
 
@@ -128,27 +127,32 @@ def checkpointing_difference() -> float:
 
 
 def model_differences() -> dict[str, float]:
-    calls = []
-    original = ib._launch
-
-    def counting(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    ib._launch = counting
     diffs = {}
-    for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
-        model = create_model(name, depth=2, img_size=32, num_classes=10).eval()
-        x = torch.randn(3, 3, 32, 32)
-        with torch.inference_mode():
-            with fused_attention(False):
-                reference = model(x)
-            diffs[name] = max((model(x) - reference).abs().max().item() for _ in range(2))  # checked, then trusted
-            if name == "tnt_s_patch16_224":  # torch.compile keeps the operator in one graph (no break)
-                compiled = torch.compile(model, backend="eager", fullgraph=True)
-                diffs["compiled"] = (compiled(x) - reference).abs().max().item()
+    with counted("_launch") as calls:
+        for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
+            model = create_model(name, depth=2, img_size=32, num_classes=10).eval()
+            x = torch.randn(3, 3, 32, 32)
+            with torch.inference_mode():
+                with fused_attention(False):
+                    reference = model(x)
+                diffs[name] = max((model(x) - reference).abs().max().item() for _ in range(2))  # checked, trusted
+                if name == "tnt_s_patch16_224":  # torch.compile keeps the operator in one graph (no break)
+                    compiled = torch.compile(model, backend="eager", fullgraph=True)
+                    diffs["compiled"] = (compiled(x) - reference).abs().max().item()
     diffs["kernel_calls"] = len(calls)
     return diffs
+
+
+@contextlib.contextmanager
+def counted(name: str) -> Iterator[list[int]]:
+    """The calls of the kernel launcher `ib.<name>` while the block runs (one entry each)."""
+    calls: list[int] = []
+    original = getattr(ib, name)
+    setattr(ib, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    try:
+        yield calls
+    finally:
+        setattr(ib, name, original)
 
 
 if __name__ == "__main__":
