@@ -133,8 +133,25 @@ def _kernel_inputs(
     return (n1w, n1b, qkv_w, qkv_b, *rest, *eps, (width // heads) ** -0.5), constants
 
 
-def _grid(sentences: int, m_pad: int) -> Any:
-    return lambda meta: (triton.cdiv(sentences, meta["ROWS"] // m_pad),)
+def _run(
+    kernel: str,
+    args: tuple[Any, ...],
+    sentences: int,
+    constants: dict[str, Any],
+    precision: str,
+    config: tuple[Any, ...] | None,
+) -> None:
+    """Launch the forward or backward kernel over every sentence: the autotuner's choice, or `config` (rows
+    per program, [batched attention,] warps), which the interpreter always needs."""
+    grid = lambda meta: (triton.cdiv(sentences, meta["ROWS"] // constants["M_PAD"]),)  # noqa: E731
+    if config is None:
+        (FORWARD if kernel == "forward" else BACKWARD)[precision][grid](*args, **constants, PRECISION=precision)
+        return
+    *choices, warps = config
+    fixed = dict(zip(("ROWS", "BATCHED"), choices, strict=False))
+    fixed["ROWS"] = max(fixed["ROWS"], constants["M_PAD"])  # at least one sentence per program
+    jit = forward_kernel if kernel == "forward" else backward_kernel
+    jit[grid(fixed)](*args, **constants, **fixed, PRECISION=precision, num_warps=warps)
 
 
 def _launch(
@@ -153,14 +170,7 @@ def _launch(
     out = torch.empty_like(x)
     sentences = x.shape[0]
     args = (x, out, x if scales is None else scales.contiguous(), sentences, sentences.bit_length(), *tail)
-    grid = _grid(sentences, constants["M_PAD"])
-    config = config or (None if x.is_cuda else INTERPRETER_CONFIG)
-    if config is None:
-        FORWARD[precision][grid](*args, **constants, PRECISION=precision)
-    else:
-        rows, batched, warps = config
-        fixed = {"ROWS": max(rows, constants["M_PAD"]), "BATCHED": batched}  # at least one sentence
-        forward_kernel[grid(fixed)](*args, **constants, **fixed, PRECISION=precision, num_warps=warps)
+    _run("forward", args, sentences, constants, precision, config or (None if x.is_cuda else INTERPRETER_CONFIG))
     return out
 
 
@@ -184,14 +194,8 @@ def _launch_backward(
     sums = torch.zeros(slots, sum(sizes), device=x.device, dtype=torch.float32)
     sentences = x.shape[0]
     args = (x, grad, dx, x if scales is None else scales.contiguous(), sums, sentences, sentences.bit_length())
-    args += (slots, *tail)
-    grid = _grid(sentences, constants["M_PAD"])
     config = config or (None if x.is_cuda else INTERPRETER_BACKWARD_CONFIG)
-    if config is None:
-        BACKWARD[precision][grid](*args, **constants, PRECISION=precision)
-    else:
-        fixed = {"ROWS": max(config[0], constants["M_PAD"])}  # at least one sentence
-        backward_kernel[grid(fixed)](*args, **constants, **fixed, PRECISION=precision, num_warps=config[1])
+    _run("backward", (*args, slots, *tail), sentences, constants, precision, config)
     *totals, qkv_total = sums.sum(0).split(sizes)  # copies below: an operator's outputs may not alias
     bias_dtype = weights[2].dtype if qkv_bias is None else qkv_bias.dtype
     grads = [t.view_as(w).to(w.dtype, copy=True) for t, w in zip(totals, weights, strict=True)]
@@ -201,11 +205,10 @@ def _launch_backward(
 def tuned_config(precision: str, kernels: dict[str, Any] | None = None) -> tuple[Any, ...] | None:
     """The configuration the autotuner chose last for a precision (None before its first GPU call): (rows,
     batched, warps) for the forward, (rows, warps) for `kernels=BACKWARD`."""
-    tuner = (FORWARD if kernels is None else kernels).get(precision) if triton is not None else None
-    best = getattr(tuner, "best_config", None)
+    best = getattr((kernels or FORWARD).get(precision), "best_config", None)
     if best is None:
         return None
-    return (best.kwargs["ROWS"], *([best.kwargs["BATCHED"]] if "BATCHED" in best.kwargs else []), best.num_warps)
+    return (*(best.kwargs[k] for k in ("ROWS", "BATCHED") if k in best.kwargs), best.num_warps)
 
 
 def inner_block_applies(x: torch.Tensor) -> bool:

@@ -340,7 +340,8 @@ if triton is not None:
             d_h2 += _dot(d_a, tl.trans(fc1_t), PRECISION)
         d_x = grad + _layer_norm_backward(d_h2, x_hat2, rstd2, n2w, g_ptr + G_N2W, g_ptr + G_N2W + WIDTH, cols, WIDTH)
 
-        # the attention branch backward; q, k, v again from LN(x)
+        # the attention branch backward; q, k, v computed again rather than kept live through the MLP loop above
+        # (three more tiles in registers that already hold 255 per thread)
         d_branch = d_x * keep_attn[:, None]
         _add_bias(g_ptr + G_PROJ_B, d_branch, cols, WIDTH, 0)
         _add_weight_t(g_ptr + G_PROJ_W, _dot(tl.trans(attended), d_branch, PRECISION), cols, cols, WIDTH, WIDTH, 0)
