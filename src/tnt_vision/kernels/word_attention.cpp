@@ -2,9 +2,11 @@
 //
 // A sentence has m words (16 for 16x16 patches and 4x4 words) and each head d channels (6 in TNT-S), so one
 // (sentence, head) pair is a 16x16 attention: far too small for a general attention kernel, whose per-call setup
-// then dominates. Here one pair is computed in registers/L1 with every inner loop running over the m queries
-// (contiguous, vectorised by the compiler). Scores are kept transposed: ST[j][i] = scale * k_j . q_i, so the
-// softmax over keys j is an elementwise max/sum across rows.
+// then dominates. Here one pair is computed in registers/L1, eight queries at a time: everything indexed by the
+// query is one 8-lane vector (GCC's vector extension, one AVX2 register), the last block padded with zero queries,
+// and loops run over keys j and channels c only. Scores are kept transposed, one vector per key:
+// ST[j] = scale * (k_j . q_i)_i, so the softmax over keys is an elementwise max/sum across these vectors.
+// Queries are independent in the forward pass; in the backward pass the key and value gradients sum over them.
 //
 // Layout: qkv is the output of the fused q/k/v projection, (P, m, 3C) with C = heads * d, read in place (no
 // permute); the output is (P, m, C), ready for the output projection. fp32 only.
@@ -12,123 +14,201 @@
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
+#include <algorithm>
+#include <bit>
 #include <cstdint>
-#include <cstring>
+#include <type_traits>
 
 namespace {
 
 constexpr int64_t kMaxWords = 64;
 constexpr int64_t kMaxHeadDim = 64;
+constexpr int64_t kLanes = 8;  // queries per block
+
+// One value per query of a block: 8 floats, and 8 int32 for the exponent bits.
+using Lanes [[gnu::vector_size(kLanes * sizeof(float))]] = float;
+using IntLanes [[gnu::vector_size(kLanes * sizeof(int32_t))]] = int32_t;
+
+inline Lanes splat(float value) { return Lanes{} + value; }
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the maximum), as Cephes' expf: x = n ln2 + r with
-// |r| <= ln2/2, a degree-6 polynomial for exp(r), then a multiply by 2^n built from its exponent bits. Written
-// without library calls so that loops over it vectorise. Relative error about 1e-7.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+// |r| <= ln2/2, a degree-6 polynomial for exp(r), then a multiply by 2^n built from its exponent bits. n is
+// rounded to nearest by truncating x log2(e) - 1/2 (x <= 0). Relative error about 1e-7; NaN stays NaN.
+inline Lanes exp_nonpositive(Lanes x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const IntLanes whole = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, IntLanes);
+  const Lanes n = __builtin_convertvector(whole, Lanes);
+  const Lanes r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  Lanes p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * std::bit_cast<Lanes>((whole + 127) << 23);
 }
 
-// row[i] = sum_c x[c] * yT[c][i] for the m queries i: one row of a transposed product, vectorised over i.
-inline void transposed_row(float* row, const float* x, const float (*yT)[kMaxWords], int64_t m, int64_t d) {
-  for (int64_t i = 0; i < m; ++i) row[i] = 0.0f;
-  for (int64_t c = 0; c < d; ++c) {
-    const float xc = x[c];
-    for (int64_t i = 0; i < m; ++i) row[i] += xc * yT[c][i];
-  }
-}
-
+// The problem's sizes. Dim is int64_t, or std::integral_constant for common head widths (the paper's: 6 in TNT-Ti
+// and TNT-S, 10 in TNT-B), where every loop over channels has a known trip count and unrolls (about 2x faster).
+template <typename Dim = int64_t>
 struct Shape {
-  int64_t sentences, words, heads, head_dim;
+  int64_t sentences, words, heads;
+  Dim head_dim;
   int64_t width() const { return heads * head_dim; }
 };
 
-Shape check(const torch::Tensor& qkv, int64_t heads) {
+// Calls body(shape) with the head width as a compile-time constant where it is one of Widths, else as it is.
+template <int64_t Width, int64_t... More, typename F>
+void with_head_dim(const Shape<>& s, F&& body) {
+  using Fixed = Shape<std::integral_constant<int64_t, Width>>;
+  if (s.head_dim == Width) return body(Fixed{s.sentences, s.words, s.heads, {}});
+  if constexpr (sizeof...(More) > 0) return with_head_dim<More...>(s, body);
+  return body(s);
+}
+
+// The widths compiled as constants: the paper's 6 (TNT-Ti, TNT-S) and 10 (TNT-B), and other common ones.
+template <typename F>
+void with_common_head_dim(const Shape<>& s, F&& body) {
+  with_head_dim<6, 8, 10, 12, 16>(s, body);
+}
+
+Shape<> check(const torch::Tensor& qkv, int64_t heads) {
   TORCH_CHECK(qkv.device().is_cpu(), "word attention: expected a CPU tensor");
   TORCH_CHECK(qkv.scalar_type() == torch::kFloat, "word attention: expected float32, got ", qkv.scalar_type());
   TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous(), "word attention: expected contiguous (P, m, 3C) q/k/v");
   TORCH_CHECK(heads > 0 && qkv.size(2) % (3 * heads) == 0, "word attention: width not divisible by 3 * heads");
-  Shape s{qkv.size(0), qkv.size(1), heads, qkv.size(2) / (3 * heads)};
+  Shape<> s{qkv.size(0), qkv.size(1), heads, qkv.size(2) / (3 * heads)};
   TORCH_CHECK(s.words <= kMaxWords && s.head_dim <= kMaxHeadDim, "word attention: at most 64 words and 64 channels");
   return s;
 }
 
-// Per-(sentence, head) scratch: scaled queries (transposed), probabilities (transposed), row statistics.
-struct Pair {
-  float qT[kMaxHeadDim][kMaxWords];
-  float aT[kMaxWords][kMaxWords];
-  float inv_sum[kMaxWords];
+// One block of queries [first, first + rows) of one (sentence, head) pair; pointers are at the pair's first word
+// and channel of the head.
+struct Block {
+  int64_t first, rows;
+};
 
-  // Fills qT = scale * q^T and aT = softmax(scale * q k^T)^T (unnormalised; multiply column i by inv_sum[i]).
-  void probabilities(const float* base, const Shape& s, int64_t h, float scale) {
-    const int64_t m = s.words, d = s.head_dim, C3 = 3 * s.width();
-    const float* q = base + h * d;
-    const float* k = base + s.width() + h * d;
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < d; ++c) qT[c][i] = q[i * C3 + c] * scale;
-    float mx[kMaxWords];
-    for (int64_t j = 0; j < m; ++j) {
-      float* row = aT[j];
-      transposed_row(row, k + j * C3, qT, m, d);
-      for (int64_t i = 0; i < m; ++i) mx[i] = j == 0 || row[i] > mx[i] ? row[i] : mx[i];
-    }
-    float sum[kMaxWords] = {};
-    for (int64_t j = 0; j < m; ++j) {
-      float* row = aT[j];
-      for (int64_t i = 0; i < m; ++i) {
-        row[i] = exp_nonpositive(row[i] - mx[i]);
-        sum[i] += row[i];
+// dst[c] = factor * (src[i * stride + c])_i over the block's queries, transposed, zero-padded to kLanes.
+template <typename Dim>
+inline void load_transposed(Lanes* dst, const float* src, int64_t stride, const Block& b, Dim d, float factor) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = Lanes{};
+  for (int64_t i = 0; i < b.rows; ++i)
+    for (int64_t c = 0; c < d; ++c) dst[c][i] = src[(b.first + i) * stride + c] * factor;
+}
+
+// dst[i * stride + c] = src[c][i] over the block's queries: the inverse of load_transposed.
+template <typename Dim>
+inline void store_transposed(float* dst, int64_t stride, const Lanes* src, const Block& b, Dim d) {
+  for (int64_t i = 0; i < b.rows; ++i)
+    for (int64_t c = 0; c < d; ++c) dst[(b.first + i) * stride + c] = src[c][i];
+}
+
+// sum_c x[c] * yT[c]: (x . y_i)_i over the block's queries.
+template <typename Dim>
+inline Lanes dot_rows(const float* x, const Lanes* yT, Dim d) {
+  Lanes row{};
+  for (int64_t c = 0; c < d; ++c) row += x[c] * yT[c];
+  return row;
+}
+
+// Row-major rows of d channels, as vectors over channels (ceil(d / kLanes) per row, zero-padded).
+struct ChannelRows {
+  static constexpr int64_t kChunks = kMaxHeadDim / kLanes;
+  Lanes rows[kMaxWords][kChunks];
+
+  template <typename Dim>
+  void load(const float* src, int64_t stride, const Shape<Dim>& s, float factor) {
+    for (int64_t i = 0; i < s.words; ++i)
+      for (int64_t c = 0; c < s.head_dim; ++c) {
+        if (c % kLanes == 0) rows[i][c / kLanes] = Lanes{};
+        rows[i][c / kLanes][c % kLanes] = src[i * stride + c] * factor;
       }
-    }
-    for (int64_t i = 0; i < m; ++i) inv_sum[i] = 1.0f / sum[i];
-    for (int64_t j = 0; j < m; ++j)
-      for (int64_t i = 0; i < m; ++i) aT[j][i] *= inv_sum[i];
+  }
+
+  // out_j = sum_i w[i][j] row_i for the m keys j, where w[i][j] = wT[i / kLanes][j][i % kLanes] (kept per query
+  // block, one vector per key): a product with the channels in lanes, no sums across lanes. The loop over queries
+  // is outermost, so that consecutive updates go to different keys (no chain of dependent additions).
+  template <typename Dim>
+  void weighted_sums(float* out, int64_t stride, const Lanes (*wT)[kMaxWords], const Shape<Dim>& s) const {
+    const int64_t chunks = (s.head_dim + kLanes - 1) / kLanes;
+    Lanes acc[kMaxWords][kChunks];
+    for (int64_t j = 0; j < s.words; ++j)
+      for (int64_t b = 0; b < chunks; ++b) acc[j][b] = Lanes{};
+    for (int64_t i = 0; i < s.words; ++i)
+      for (int64_t j = 0; j < s.words; ++j) {
+        const float w = wT[i / kLanes][j][i % kLanes];
+        for (int64_t b = 0; b < chunks; ++b) acc[j][b] += w * rows[i][b];
+      }
+    for (int64_t j = 0; j < s.words; ++j)
+      for (int64_t c = 0; c < s.head_dim; ++c) out[j * stride + c] = acc[j][c / kLanes][c % kLanes];
   }
 };
 
-template <typename F>
-void for_each_pair(const Shape& s, F&& body) {
+// Per-block scratch: scaled queries (transposed), probabilities (one vector per key), 1 / row sums.
+struct Scores {
+  Lanes qT[kMaxHeadDim];
+  Lanes eT[kMaxWords];
+  Lanes inv_sum;
+
+  // Fills qT = scale * q^T and eT[j] = (exp(scale q_i . k_j - max_j))_i, so that
+  // softmax(scale q k^T)[i][j] = eT[j][i] * inv_sum[i].
+  template <typename Dim>
+  void compute(const float* q, const float* k, const Shape<Dim>& s, const Block& b, float scale) {
+    const int64_t C3 = 3 * s.width();
+    load_transposed(qT, q, C3, b, s.head_dim, scale);
+    Lanes mx{};
+    for (int64_t j = 0; j < s.words; ++j) {
+      eT[j] = dot_rows(k + j * C3, qT, s.head_dim);
+      mx = j == 0 ? eT[j] : (eT[j] > mx ? eT[j] : mx);  // a NaN score at key 0 makes its query's maximum NaN
+    }
+    Lanes sum{};
+    for (int64_t j = 0; j < s.words; ++j) {
+      eT[j] = exp_nonpositive(eT[j] - mx);
+      sum += eT[j];
+    }
+    inv_sum = 1.0f / sum;
+  }
+};
+
+// Runs body(scores, sentence, head) over all (sentence, head) pairs in parallel.
+template <typename Dim, typename F>
+void for_each_pair(const Shape<Dim>& s, F&& body) {
   at::parallel_for(0, s.sentences * s.heads, 64, [&](int64_t begin, int64_t end) {
-    Pair pair;
-    for (int64_t ph = begin; ph < end; ++ph) body(pair, ph / s.heads, ph % s.heads);
+    Scores scores;
+    for (int64_t ph = begin; ph < end; ++ph) body(scores, ph / s.heads, ph % s.heads);
   });
+}
+
+// The pair's blocks of up to kLanes queries.
+template <typename Dim, typename F>
+void for_each_block(const Shape<Dim>& s, F&& body) {
+  for (int64_t first = 0; first < s.words; first += kLanes) body(Block{first, std::min(kLanes, s.words - first)});
 }
 
 }  // namespace
 
 torch::Tensor word_attention_forward(const torch::Tensor& qkv, int64_t heads, double scale) {
-  const Shape s = check(qkv, heads);
-  const int64_t m = s.words, d = s.head_dim, C = s.width(), C3 = 3 * C;
-  auto out = torch::empty({s.sentences, m, C}, qkv.options());
+  const Shape<> shape = check(qkv, heads);
+  auto out = torch::empty({shape.sentences, shape.words, shape.width()}, qkv.options());
   const float* src = qkv.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  for_each_pair(s, [&](Pair& pair, int64_t p, int64_t h) {
-    const float* base = src + p * m * C3;
-    pair.probabilities(base, s, h, static_cast<float>(scale));
-    const float* v = base + 2 * C + h * d;
-    float oT[kMaxHeadDim][kMaxWords];
-    for (int64_t c = 0; c < d; ++c)
-      for (int64_t i = 0; i < m; ++i) oT[c][i] = 0.0f;
-    for (int64_t j = 0; j < m; ++j)
-      for (int64_t c = 0; c < d; ++c) {
-        const float vc = v[j * C3 + c];
-        for (int64_t i = 0; i < m; ++i) oT[c][i] += vc * pair.aT[j][i];
-      }
-    float* o = dst + p * m * C + h * d;
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < d; ++c) o[i * C + c] = oT[c][i];
+  with_common_head_dim(shape, [&](const auto& s) {
+    const int64_t m = s.words, C = s.width(), C3 = 3 * C;
+    const auto d = s.head_dim;
+    for_each_pair(s, [&](Scores& scores, int64_t p, int64_t h) {
+      const float* q = src + p * m * C3 + h * d;
+      const float* v = q + 2 * C;
+      for_each_block(s, [&](const Block& b) {
+        scores.compute(q, q + C, s, b, static_cast<float>(scale));
+        Lanes oT[kMaxHeadDim];
+        for (int64_t c = 0; c < d; ++c) oT[c] = Lanes{};
+        for (int64_t j = 0; j < m; ++j)
+          for (int64_t c = 0; c < d; ++c) oT[c] += v[j * C3 + c] * scores.eT[j];
+        for (int64_t c = 0; c < d; ++c) oT[c] *= scores.inv_sum;
+        store_transposed(dst + p * m * C + h * d, C, oT, b, d);
+      });
+    });
   });
   return out;
 }
@@ -136,59 +216,59 @@ torch::Tensor word_attention_forward(const torch::Tensor& qkv, int64_t heads, do
 // Gradient with respect to qkv, recomputing the probabilities (nothing but qkv is saved by the forward pass).
 torch::Tensor word_attention_backward(const torch::Tensor& grad_out, const torch::Tensor& qkv, int64_t heads,
                                       double scale) {
-  const Shape s = check(qkv, heads);
-  const int64_t m = s.words, d = s.head_dim, C = s.width(), C3 = 3 * C;
+  const Shape<> shape = check(qkv, heads);
   const auto grad = grad_out.contiguous();
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.sizes() == torch::IntArrayRef({s.sentences, m, C}),
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat &&
+                  grad.sizes() == torch::IntArrayRef({shape.sentences, shape.words, shape.width()}),
               "word attention: gradient of the wrong shape or type");
   auto grad_qkv = torch::empty_like(qkv);
   const float* src = qkv.data_ptr<float>();
   const float* gsrc = grad.data_ptr<float>();
   float* gdst = grad_qkv.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  for_each_pair(s, [&](Pair& pair, int64_t p, int64_t h) {
-    const float* base = src + p * m * C3;
-    pair.probabilities(base, s, h, sc);
-    const float* k = base + C + h * d;
-    const float* v = base + 2 * C + h * d;
-    const float* go = gsrc + p * m * C + h * d;
-    float* gq = gdst + p * m * C3 + h * d;
-    float* gk = gq + C;
-    float* gv = gq + 2 * C;
-    float goT[kMaxHeadDim][kMaxWords];
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < d; ++c) goT[c][i] = go[i * C + c];
-    // dA^T[j][i] = v_j . dO_i, and the softmax correction D_i = sum_j A[i][j] dA[i][j].
-    float dsT[kMaxWords][kMaxWords];
-    float D[kMaxWords] = {};
-    for (int64_t j = 0; j < m; ++j) {
-      float* row = dsT[j];
-      transposed_row(row, v + j * C3, goT, m, d);
-      for (int64_t i = 0; i < m; ++i) D[i] += pair.aT[j][i] * row[i];
-      // dV_j = sum_i A[i][j] dO_i
-      for (int64_t c = 0; c < d; ++c) {
-        float acc = 0.0f;
-        for (int64_t i = 0; i < m; ++i) acc += pair.aT[j][i] * goT[c][i];
-        gv[j * C3 + c] = acc;
-      }
-    }
-    // dS = A * (dA - D); dK_j = sum_i dS[i][j] (scale q_i); dQ_i = scale sum_j dS[i][j] k_j.
-    float gqT[kMaxHeadDim][kMaxWords];
-    for (int64_t c = 0; c < d; ++c)
-      for (int64_t i = 0; i < m; ++i) gqT[c][i] = 0.0f;
-    for (int64_t j = 0; j < m; ++j) {
-      float* row = dsT[j];
-      for (int64_t i = 0; i < m; ++i) row[i] = pair.aT[j][i] * (row[i] - D[i]);
-      for (int64_t c = 0; c < d; ++c) {
-        float acc = 0.0f;
-        for (int64_t i = 0; i < m; ++i) acc += row[i] * pair.qT[c][i];
-        gk[j * C3 + c] = acc;
-        const float kc = k[j * C3 + c] * sc;
-        for (int64_t i = 0; i < m; ++i) gqT[c][i] += kc * row[i];
-      }
-    }
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < d; ++c) gq[i * C3 + c] = gqT[c][i];
+  constexpr int64_t kBlocks = kMaxWords / kLanes;
+  with_common_head_dim(shape, [&](const auto& s) {
+    const int64_t m = s.words, C = s.width(), C3 = 3 * C;
+    const auto d = s.head_dim;
+    for_each_pair(s, [&](Scores& scores, int64_t p, int64_t h) {
+      const float* q = src + p * m * C3 + h * d;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      const float* go = gsrc + p * m * C + h * d;
+      float* gq = gdst + p * m * C3 + h * d;
+      // Per query block, one vector per key j: the probabilities A^T and dS^T.
+      Lanes probabilities[kBlocks][kMaxWords];
+      Lanes score_grads[kBlocks][kMaxWords];
+      for_each_block(s, [&](const Block& b) {
+        scores.compute(q, k, s, b, sc);
+        Lanes goT[kMaxHeadDim];
+        load_transposed(goT, go, C, b, d, 1.0f);
+        // A[i][j] = eT[j][i] inv_sum[i]; dA^T[j] = (v_j . dO_i)_i; the softmax correction
+        // D_i = sum_j A[i][j] dA[i][j].
+        Lanes* a = probabilities[b.first / kLanes];
+        Lanes* ds = score_grads[b.first / kLanes];
+        Lanes correction{};
+        for (int64_t j = 0; j < m; ++j) {
+          a[j] = scores.eT[j] * scores.inv_sum;
+          ds[j] = dot_rows(v + j * C3, goT, d);
+          correction += a[j] * ds[j];
+        }
+        // dS = A * (dA - D); dQ_i = scale sum_j dS[i][j] k_j.
+        Lanes gqT[kMaxHeadDim];
+        for (int64_t c = 0; c < d; ++c) gqT[c] = Lanes{};
+        for (int64_t j = 0; j < m; ++j) {
+          ds[j] = a[j] * (ds[j] - correction);
+          for (int64_t c = 0; c < d; ++c) gqT[c] += (k[j * C3 + c] * sc) * ds[j];
+        }
+        store_transposed(gq, C3, gqT, b, d);
+      });
+      // dV_j = sum_i A[i][j] dO_i and dK_j = sum_i dS[i][j] (scale q_i), over all queries.
+      ChannelRows rows;
+      rows.load(go, C, s, 1.0f);
+      rows.weighted_sums(gq + 2 * C, C3, probabilities, s);
+      rows.load(q, C3, s, sc);
+      rows.weighted_sums(gq + C, C3, score_grads, s);
+    });
   });
   return grad_qkv;
 }
