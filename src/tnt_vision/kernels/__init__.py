@@ -59,7 +59,7 @@ def cpu_kernels() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        log.info("compiling tnt_vision's CPU kernels (once per machine, about 30 s)")
+        log.info("compiling tnt_vision's CPU kernels (once per machine, about a minute)")
         return cpp_extension.load(
             name=f"tnt_vision_cpu_{_machine_key()}",
             sources=[str(_SOURCE)],
