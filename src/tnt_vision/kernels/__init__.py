@@ -1,5 +1,5 @@
 """Optional kernels: here the CPU word attention, compiled once per machine on first use (torch's C++ extension
-builder, cached); in `inner_block` the inner transformer block as one Triton kernel for GPU inference.
+builder, cached); in `inner_block` the inner transformer block as Triton kernels (forward and backward) for GPUs.
 
 Nothing needs them: without a C++ compiler, on other devices and dtypes, or with `TNT_VISION_CPU_KERNELS=0`, every
 layer takes its plain PyTorch path, which computes the same function.
