@@ -37,13 +37,19 @@ WORDS = 16
 Contender = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 
+def git(*args: str) -> str:
+    """git's output, or one line saying why it failed (an unknown revision, no repository)."""
+    try:
+        return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = getattr(error, "stderr", None) or str(error)
+        raise SystemExit(f"git {' '.join(args)}: {reason.strip().splitlines()[0]}") from None
+
+
 def build_revision(revision: str) -> ModuleType:
     """The kernel's source at a git revision, compiled like the working tree's."""
-    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], check=True, capture_output=True, text=True)
-    relative = _SOURCE.resolve().relative_to(Path(top.stdout.strip()).resolve())
-    source = subprocess.run(
-        ["git", "show", f"{revision}:{relative.as_posix()}"], check=True, capture_output=True, text=True
-    ).stdout
+    top = Path(git("rev-parse", "--show-toplevel").strip()).resolve()
+    source = git("show", f"{revision}:{_SOURCE.resolve().relative_to(top).as_posix()}")
     path = Path(tempfile.mkdtemp()) / "word_attention.cpp"
     path.write_text(source)
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
