@@ -5,10 +5,10 @@
 Builds `src/tnt_vision/kernels/word_attention.cpp` as it is in the working tree (the kernel tnt-vision uses) and
 as it was at git revision `--against` (same flags, its own extension name), then alternates three contenders on
 the inner attention of TNT-Ti, TNT-S and TNT-B at `--batch` images (196 sentences of 16 words each): this kernel,
-the other revision's, and `scaled_dot_product_attention` on the same q/k/v (the plain path's operator, with its
-permutes; its backward through autograd). Forward and backward are timed separately, round 0 warms up; medians
-are printed with the threads and machine, and every contender's output and gradient is checked against this
-kernel's.
+the other revision's, and the model's path without the kernel (`Attention.mix`: `scaled_dot_product_attention`
+with its permutes; its backward through autograd). Forward and backward are timed separately, round 0 warms up;
+medians are printed with the threads and machine, and every contender's output and gradient is checked against
+this kernel's.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from tnt_vision.bench import cpu_name
 from tnt_vision.kernels import _CFLAGS, _SOURCE, cpu_kernels
+from tnt_vision.models.layers import Attention
 
 # The paper's models: inner width and heads.
 MODELS = {"TNT-Ti": (12, 2), "TNT-S": (24, 4), "TNT-B": (40, 4)}
@@ -65,15 +65,12 @@ def kernel(module: ModuleType, qkv: torch.Tensor, grad: torch.Tensor, heads: int
     )
 
 
-def sdpa(qkv: torch.Tensor, grad: torch.Tensor, heads: int, scale: float) -> Contender:
+def sdpa(qkv: torch.Tensor, grad: torch.Tensor, heads: int) -> Contender:
+    """The model's own path where the kernel does not apply: `Attention.mix` through SDPA."""
+    attention = Attention(qkv.shape[-1] // 3, heads)
+    attention.word_kernel_applies = lambda qkv, tokens: False  # type: ignore[method-assign]
     leaf = qkv.clone().requires_grad_()
-
-    def forward() -> torch.Tensor:
-        P, m, width = leaf.shape
-        q, k, v = leaf.reshape(P, m, 3, heads, width // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(P, m, width // 3)
-
-    return forward, lambda out: torch.autograd.grad(out, leaf, grad)[0]
+    return lambda: attention.mix(leaf), lambda out: torch.autograd.grad(out, leaf, grad)[0]
 
 
 def timed(run: Callable[..., torch.Tensor], *args: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -125,7 +122,7 @@ def main() -> None:
         grad = torch.randn(args.batch * 196, WORDS, width)
         scale = (width // heads) ** -0.5
         contenders = {name: kernel(module, qkv, grad, heads, scale) for name, module in modules.items()}
-        contenders["SDPA"] = sdpa(qkv, grad, heads, scale)
+        contenders["SDPA"] = sdpa(qkv, grad, heads)
         medians = compare(contenders, args.rounds)
         ours_forward, ours_backward, _ = medians["this kernel"]
         for name, (forward, backward, difference) in medians.items():
