@@ -97,6 +97,76 @@ def test_word_attention_refuses_what_it_cannot_compute() -> None:
         module.word_attention_forward(torch.randn(2, 16, 70), 4, 1.0)
 
 
+# ---- LayerNorm over narrow rows, GELU's backward ---------------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("width", [1, 7, 8, 12, 24, 40, 64])
+def test_narrow_layer_norm_matches_float64_with_statistics_for_atens_backward(width: int) -> None:
+    x = torch.randn(5, 37, width, dtype=torch.float64) * 3 + 1
+    weight, bias = torch.randn(width, dtype=torch.float64), torch.randn(width, dtype=torch.float64)
+    expected = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
+    x32, w32, b32 = x.float(), weight.float(), bias.float()
+    assert kernels.narrow_layer_norm_applies(x32, [width], w32, b32)
+    fast = kernels.native_layer_norm(x32, [width], w32, b32, 1e-5)
+    plain = torch.native_layer_norm(x32, [width], w32, b32, 1e-5)
+    for out, ours, aten in zip(expected, fast, plain, strict=True):  # output, mean, 1/std: as accurate as ATen's
+        assert ours.shape == aten.shape
+        assert error(ours, out) <= max(2e-6, 2 * error(aten, out))
+    # the lean functions hand the statistics to ATen's backward
+    grad = torch.randn_like(x)
+
+    def backward(g: torch.Tensor, inputs: torch.Tensor, stats: tuple, w: torch.Tensor, b: torch.Tensor) -> tuple:
+        return torch.ops.aten.native_layer_norm_backward(g, inputs, [width], *stats, w, b, [True] * 3)
+
+    expected_grads = backward(grad, x, expected[1:], weight, bias)
+    ours, aten = (backward(grad.float(), x32, stats, w32, b32) for stats in (fast[1:], plain[1:]))
+    for g_ours, g_aten, g_expected in zip(ours, aten, expected_grads, strict=True):
+        assert error(g_ours, g_expected) <= max(1e-5, 2 * error(g_aten, g_expected))
+
+
+@needs_kernels
+def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten() -> None:
+    x = torch.randn(6, 16, 24)
+    x[2, 3, 5] = math.nan
+    weight, bias = torch.randn(24), torch.randn(24)
+    out = kernels.native_layer_norm(x.transpose(0, 1).contiguous().transpose(0, 1), [24], weight, bias, 1e-6)[0]
+    assert out[2, 3].isnan().all()
+    out[2, 3] = 0.0
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, F.layer_norm(x, [24], weight, bias, 1e-6).nan_to_num(0.0), atol=2e-6, rtol=0)
+    for call in (
+        (torch.randn(4, 65), [65], torch.randn(65), torch.randn(65)),  # wide rows: ATen is as fast
+        (torch.randn(4, 24, requires_grad=True), [24], torch.randn(24), torch.randn(24)),  # autograd: ATen's
+        (torch.randn(4, 24, dtype=torch.float64), [24], torch.randn(24).double(), torch.randn(24).double()),
+        (torch.randn(4, 24), [24], None, None),
+        (torch.randn(4, 4, 6), [4, 6], torch.randn(4, 6), torch.randn(4, 6)),
+    ):
+        assert not kernels.narrow_layer_norm_applies(*call)
+
+
+@needs_kernels
+def test_gelu_backward_and_value_matches_float64_and_atens_special_values() -> None:
+    x = torch.cat([torch.linspace(-14, 14, 40001), torch.randn(9999) * 3]).double()
+    grad = torch.randn_like(x)
+    fast_grad = grad.float()
+    value_expected = F.gelu(x)
+    grad_expected = torch.ops.aten.gelu_backward(grad, x)
+    grad_out, value = kernels.gelu_backward_and_value(fast_grad, x.float())
+    assert grad_out is fast_grad  # written over the incoming gradient
+    aten_grad = torch.ops.aten.gelu_backward(grad.float(), x.float())
+    assert error(value, value_expected) <= max(5e-7, 2 * error(F.gelu(x.float()), value_expected))
+    assert error(grad_out, grad_expected) <= max(1e-6, 2 * error(aten_grad, grad_expected))
+    special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, 1e30, -1e30, 1e-30, -40.0, 40.0])
+    ones = torch.ones_like(special)
+    grad_out, value = kernels.gelu_backward_and_value(ones.clone(), special)
+    torch.testing.assert_close(value, F.gelu(special), equal_nan=True)
+    torch.testing.assert_close(grad_out, torch.ops.aten.gelu_backward(ones, special), equal_nan=True)
+    half = x.bfloat16()  # other dtypes: ATen's functions, the gradient not overwritten
+    grad_half = grad.bfloat16()
+    grad_out, value = kernels.gelu_backward_and_value(grad_half, half)
+    assert grad_out is not grad_half
+    torch.testing.assert_close(value, F.gelu(half))
+
+
 def attention_calls(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Run the model and return the sequence length of every attention call that took the kernel."""
     taken: list[int] = []

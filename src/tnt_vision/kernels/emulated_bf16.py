@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ENV_SWITCH, capturing_graph, switched_on
+from . import ENV_SWITCH, capturing_graph, gelu_backward_and_value, native_layer_norm, switched_on
 
 BF16 = torch.bfloat16
 
@@ -76,15 +76,28 @@ def _linear_grads(
 
     None where not needed; rounded to `low` if given.
     """
-    g, w = (grad, weight) if low is None else (_rounded(grad), _rounded(weight))
-    g_2d = g.reshape(-1, g.shape[-1])
+    g, w = _grad_operands(grad, weight, low)
     need_x, need_weight, need_bias = needs
-    grads = (
-        g @ w if need_x else None,
-        g_2d.t() @ _widened(x(), low).reshape(-1, weight.shape[1]) if need_weight else None,
-        g_2d.sum(0) if need_bias else None,
-    )
-    return tuple(None if t is None else _lowered(t, low) for t in grads)
+    return _lowered(g @ w, low) if need_x else None, *_parameter_grads(g, x, weight, need_weight, need_bias, low)
+
+
+def _grad_operands(grad: torch.Tensor, weight: torch.Tensor, low: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    """The output gradient and the weight as `_linear`'s backward multiplies them (bf16-rounded under `low`)."""
+    return (grad, weight) if low is None else (_rounded(grad), _rounded(weight))
+
+
+def _parameter_grads(
+    g: torch.Tensor,
+    x: Callable[[], torch.Tensor],
+    weight: torch.Tensor,
+    need_weight: bool,
+    need_bias: bool,
+    low: torch.dtype | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`_linear`'s weight and bias gradients from `_grad_operands`' g (None where not needed)."""
+    g_2d = g.reshape(-1, g.shape[-1])
+    grad_w = _lowered(g_2d.t() @ _widened(x(), low).reshape(-1, weight.shape[1]), low) if need_weight else None
+    return grad_w, _lowered(g_2d.sum(0), low) if need_bias else None
 
 
 def _widened(x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
@@ -141,7 +154,7 @@ def _normalised(
     low: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm(x) computed like autocast's (in fp32) and rounded to `low`, with its mean and 1/std."""
-    out, mean, rstd = torch.native_layer_norm(_widened(x, low), norm[0], *norm_params, norm[1])
+    out, mean, rstd = native_layer_norm(_widened(x, low), norm[0], *norm_params, norm[1])
     return _lowered(out, low), mean, rstd
 
 
@@ -221,8 +234,11 @@ class _LeanMlp(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         *kept, hidden, norm_w, norm_b, w1, w2 = ctx.saved_tensors
         *needs_first, need_w2, need_b2 = ctx.needs_input_grad[2:]
-        grad_act, grad_w2, grad_b2 = _linear_grads(grad, lambda: F.gelu(hidden), w2, (True, need_w2, need_b2), ctx.low)
-        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # in bf16 under low=BF16, like autocast's GELU
+        g, w = _grad_operands(grad, w2, ctx.low)
+        # GELU's gradient and its recomputed value (for fc2's weight gradient) in one pass over the hidden layer;
+        # in bf16 under low=BF16, like autocast's GELU
+        grad_hidden, activation = gelu_backward_and_value(_lowered(g @ w, ctx.low), hidden)
+        grad_w2, grad_b2 = _parameter_grads(g, lambda: activation, w2, need_w2, need_b2, ctx.low)
         grads = _first_linear_grads(ctx, grad_hidden, kept, (norm_w, norm_b), w1, needs_first)
         return None, None, *_cast((*grads, grad_w2, grad_b2), ctx.dtypes)
 

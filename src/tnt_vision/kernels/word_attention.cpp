@@ -10,44 +10,21 @@
 //
 // Layout: qkv is the output of the fused q/k/v projection, (P, m, 3C) with C = heads * d, read in place (no
 // permute); the output is (P, m, C), ready for the output projection. fp32 only.
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu_kernels.h"
+#include "lanes.h"
+
+namespace tnt_vision {
 namespace {
 
 constexpr int64_t kMaxWords = 64;
-constexpr int64_t kMaxHeadDim = 64;
-constexpr int64_t kLanes = 8;  // queries per block
-
-// One value per query of a block: 8 floats, and 8 int32 for the exponent bits.
-using Lanes [[gnu::vector_size(kLanes * sizeof(float))]] = float;
-using IntLanes [[gnu::vector_size(kLanes * sizeof(int32_t))]] = int32_t;
-
-inline Lanes splat(float value) { return Lanes{} + value; }
-
-// exp(x) for x <= 0 (softmax arguments after subtracting the maximum), as Cephes' expf: x = n ln2 + r with
-// |r| <= ln2/2, a degree-6 polynomial for exp(r), then a multiply by 2^n built from its exponent bits. n is
-// rounded to nearest by truncating x log2(e) - 1/2 (x <= 0). Relative error about 1e-7; NaN stays NaN.
-inline Lanes exp_nonpositive(Lanes x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const IntLanes whole = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, IntLanes);
-  const Lanes n = __builtin_convertvector(whole, Lanes);
-  const Lanes r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  Lanes p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<Lanes>((whole + 127) << 23);
-}
+constexpr int64_t kMaxHeadDim = 64;  // a block holds kLanes queries, one per lane
 
 // The problem's sizes. Dim is int64_t, or std::integral_constant for common head widths (the paper's: 6 in TNT-Ti
 // and TNT-S, 10 in TNT-B), where every loop over channels has a known trip count and unrolls (about 2x faster).
@@ -73,9 +50,9 @@ void with_common_head_dim(const Shape<>& s, F&& body) {
   with_head_dim<6, 8, 10, 12, 16>(s, body);
 }
 
-Shape<> check(const torch::Tensor& qkv, int64_t heads) {
+Shape<> check(const at::Tensor& qkv, int64_t heads) {
   TORCH_CHECK(qkv.device().is_cpu(), "word attention: expected a CPU tensor");
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat, "word attention: expected float32, got ", qkv.scalar_type());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat, "word attention: expected float32, got ", qkv.scalar_type());
   TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous(), "word attention: expected contiguous (P, m, 3C) q/k/v");
   TORCH_CHECK(heads > 0 && qkv.size(2) % (3 * heads) == 0, "word attention: width not divisible by 3 * heads");
   Shape<> s{qkv.size(0), qkv.size(1), heads, qkv.size(2) / (3 * heads)};
@@ -188,9 +165,9 @@ void for_each_block(const Shape<Dim>& s, F&& body) {
 
 }  // namespace
 
-torch::Tensor word_attention_forward(const torch::Tensor& qkv, int64_t heads, double scale) {
+at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale) {
   const Shape<> shape = check(qkv, heads);
-  auto out = torch::empty({shape.sentences, shape.words, shape.width()}, qkv.options());
+  auto out = at::empty({shape.sentences, shape.words, shape.width()}, qkv.options());
   const float* src = qkv.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   with_common_head_dim(shape, [&](const auto& s) {
@@ -214,14 +191,14 @@ torch::Tensor word_attention_forward(const torch::Tensor& qkv, int64_t heads, do
 }
 
 // Gradient with respect to qkv, recomputing the probabilities (nothing but qkv is saved by the forward pass).
-torch::Tensor word_attention_backward(const torch::Tensor& grad_out, const torch::Tensor& qkv, int64_t heads,
+at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, int64_t heads,
                                       double scale) {
   const Shape<> shape = check(qkv, heads);
   const auto grad = grad_out.contiguous();
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat &&
-                  grad.sizes() == torch::IntArrayRef({shape.sentences, shape.words, shape.width()}),
+  TORCH_CHECK(grad.scalar_type() == at::kFloat &&
+                  grad.sizes() == at::IntArrayRef({shape.sentences, shape.words, shape.width()}),
               "word attention: gradient of the wrong shape or type");
-  auto grad_qkv = torch::empty_like(qkv);
+  auto grad_qkv = at::empty_like(qkv);
   const float* src = qkv.data_ptr<float>();
   const float* gsrc = grad.data_ptr<float>();
   float* gdst = grad_qkv.data_ptr<float>();
@@ -273,7 +250,4 @@ torch::Tensor word_attention_backward(const torch::Tensor& grad_out, const torch
   return grad_qkv;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("word_attention_forward", &word_attention_forward, "word attention forward (CPU, fp32)");
-  module.def("word_attention_backward", &word_attention_backward, "word attention backward (CPU, fp32)");
-}
+}  // namespace tnt_vision

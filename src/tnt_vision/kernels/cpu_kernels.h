@@ -1,0 +1,22 @@
+// The CPU kernels' entry points (fp32, contiguous tensors), bound to Python in cpu_kernels.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace tnt_vision {
+
+// word_attention.cpp: softmax(scale q k^T) v per head over each sentence's words, from the fused projection
+// (P, m, 3C) to (P, m, C), and its gradient with respect to the projection.
+at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale);
+at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, int64_t heads, double scale);
+
+// rows.cpp: LayerNorm over the last dimension, returning (output, mean, 1/std) as aten::native_layer_norm does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
+                                                          const at::Tensor& bias, double eps);
+// rows.cpp: the exact GELU's gradient written over `grad` (grad * gelu'(x)), returning gelu(x).
+at::Tensor gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x);
+
+}  // namespace tnt_vision
