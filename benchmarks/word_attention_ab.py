@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python benchmarks/word_attention_ab.py --against HEAD~1 --rounds 12
 
-Builds `src/tnt_vision/kernels/word_attention.cpp` as it is in the working tree (the kernel tnt-vision uses) and
-as it was at git revision `--against` (same flags, its own extension name), then alternates three contenders on
+Builds the CPU kernels (`src/tnt_vision/kernels/*.cpp`) as they are in the working tree (what tnt-vision uses)
+and as they were at git revision `--against` (same flags, its own extension name), then alternates three contenders on
 the inner attention of TNT-Ti, TNT-S and TNT-B at `--batch` images (196 sentences of 16 words each): this kernel,
 the other revision's, and the model's path without the kernel (`Attention.mix`: `scaled_dot_product_attention`
 with its permutes; its backward through autograd). Forward and backward are timed separately, round 0 warms up;
@@ -27,7 +27,7 @@ import torch
 from torch.utils import cpp_extension
 
 from tnt_vision.bench import cpu_name
-from tnt_vision.kernels import _CFLAGS, _SOURCE, cpu_kernels
+from tnt_vision.kernels import _CFLAGS, _DIR, cpu_kernels
 from tnt_vision.models.layers import Attention
 
 # The paper's models: inner width and heads.
@@ -47,14 +47,21 @@ def git(*args: str) -> str:
 
 
 def build_revision(revision: str) -> ModuleType:
-    """The kernel's source at a git revision, compiled like the working tree's."""
+    """The kernels' sources (every .cpp and .h beside them) at a git revision, compiled like the working tree's."""
     top = Path(git("rev-parse", "--show-toplevel").strip()).resolve()
-    source = git("show", f"{revision}:{_SOURCE.resolve().relative_to(top).as_posix()}")
-    path = Path(tempfile.mkdtemp()) / "word_attention.cpp"
-    path.write_text(source)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    folder = _DIR.resolve().relative_to(top).as_posix()
+    listing = git("ls-tree", "--name-only", f"{revision}:{folder}").split()
+    names = [name for name in listing if name.endswith((".cpp", ".h"))]
+    workdir, digest = Path(tempfile.mkdtemp()), hashlib.sha256()
+    for name in names:
+        text = git("show", f"{revision}:{folder}/{name}")
+        (workdir / name).write_text(text)
+        digest.update(text.encode())
     return cpp_extension.load(
-        name=f"tnt_vision_ab_{digest}", sources=[str(path)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"]
+        name=f"tnt_vision_ab_{digest.hexdigest()[:12]}",
+        sources=[str(workdir / name) for name in names if name.endswith(".cpp")],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=["-fopenmp"],
     )
 
 

@@ -1,0 +1,143 @@
+"""The compiled LayerNorm for narrow rows and the fused GELU backward against ATen's, in one process.
+
+    PYTHONPATH=src python benchmarks/rows_ab.py --model tnt_s_patch16_224 --batch 32 --rounds 5
+    PYTHONPATH=src python benchmarks/rows_ab.py --batch 32 --rounds 5 --train
+
+Two contenders share one model (same weights): tnt-vision as it is, and tnt-vision with these two kernels stepped
+aside (ATen's LayerNorm for every row width, ATen's GELU and GELU-backward in the lean MLP's backward pass).
+`bench.interleaved_times` alternates them (warm-up, order rotated each round); medians are printed with the
+batch, threads and machine. First the operators alone at the sizes of one TNT-S micro-batch (8 images): the inner
+LayerNorm over 25088 rows of 24 channels, and GELU's backward and value over the inner and outer MLP's hidden
+layers; every kernel output is checked against ATen's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from tnt_vision import kernels
+from tnt_vision.bench import (
+    BenchConfig,
+    cpu_name,
+    inference_step,
+    interleaved_times,
+    make_inputs,
+    set_threads,
+    train_step,
+)
+from tnt_vision.kernels import emulated_bf16
+from tnt_vision.models import create_model
+from tnt_vision.models import layers as tnt_layers
+
+
+def aten_gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten.gelu_backward(grad, x), F.gelu(x)
+
+
+@contextlib.contextmanager
+def aten_rows() -> Iterator[None]:
+    """The two kernels stepped aside, as without them."""
+    patches = [
+        (kernels, "narrow_layer_norm_applies", lambda *_: False),
+        (tnt_layers, "narrow_layer_norm_applies", lambda *_: False),
+        (emulated_bf16, "gelu_backward_and_value", aten_gelu_backward_and_value),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def median_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Medians of alternating calls (round 0 warms up)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def operators(rounds: int) -> None:
+    x, weight, bias = torch.randn(25088, 24) * 2 + 1, torch.randn(24), torch.randn(24)
+    ours = kernels.native_layer_norm(x, [24], weight, bias, 1e-5)
+    aten = torch.native_layer_norm(x, [24], weight, bias, 1e-5)
+    for a, b in zip(ours, aten, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ms = median_ms(
+        {
+            "kernel": lambda: kernels.native_layer_norm(x, [24], weight, bias, 1e-5),
+            "aten": lambda: torch.native_layer_norm(x, [24], weight, bias, 1e-5),
+        },
+        rounds,
+    )
+    print(f"LayerNorm, 25088 rows of 24: kernel {ms['kernel']:.3f} ms, ATen {ms['aten']:.3f} ms")
+    for rows, width, what in ((25088, 96, "inner"), (1576, 1536, "outer")):
+        ms = gelu_ms(rows, width, rounds)
+        print(
+            f"GELU backward and value, {what} MLP ({rows} x {width}, with a copy of the gradient each): "
+            f"kernel {ms['kernel']:.3f} ms, ATen {ms['aten']:.3f} ms"
+        )
+
+
+def gelu_ms(rows: int, width: int, rounds: int) -> dict[str, float]:
+    hidden, grad = torch.randn(rows, width), torch.randn(rows, width)
+    expected = aten_gelu_backward_and_value(grad, hidden)
+    for a, b in zip(kernels.gelu_backward_and_value(grad.clone(), hidden), expected, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    calls = {
+        "kernel": lambda: kernels.gelu_backward_and_value(grad.clone(), hidden),
+        "aten": lambda: aten_gelu_backward_and_value(grad.clone(), hidden),
+    }
+    return median_ms(calls, rounds)
+
+
+def model_steps(args: argparse.Namespace) -> None:
+    cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train)
+    model = create_model(args.model)
+    step = train_step(model, cfg) if args.train else inference_step(model, cfg)
+
+    def without(x: torch.Tensor) -> object:
+        with aten_rows():
+            return step(x)
+
+    times = interleaved_times({"kernels": step, "aten": without}, make_inputs(cfg, args.batch), cfg)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    what = "training step" if args.train else "inference"
+    print(
+        f"{args.model} {what}, batch {args.batch}, fp32: with the kernels {ms['kernels']:.0f} ms, without "
+        f"{ms['aten']:.0f} ms ({ms['aten'] / ms['kernels']:.3f}x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tnt_s_patch16_224")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--train", action="store_true")
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    if kernels.cpu_kernels() is None:
+        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
+    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
+    operators(max(args.rounds, 20))
+    model_steps(args)
+
+
+if __name__ == "__main__":
+    main()
