@@ -13,8 +13,8 @@ from torch import nn
 from ..kernels import (
     capturing_graph,
     exporting_graph,
+    narrow_layer_norm,
     narrow_layer_norm_applies,
-    native_layer_norm,
     onednn,
     word_attention,
     word_attention_applies,
@@ -72,14 +72,14 @@ class LayerNorm(nn.LayerNorm):
     """`nn.LayerNorm` with the same parameters and state dict, and the compiled kernel for narrow rows.
 
     TNT's words have 12 to 40 channels, where ATen's CPU LayerNorm takes about twice as long as the kernel
-    (`kernels.native_layer_norm`): fp32 CPU rows of at most 64 values where no gradient is recorded, in the fast
+    (`kernels.narrow_layer_norm`): fp32 CPU rows of at most 64 values where no gradient is recorded, in the fast
     path. Training reaches it through the lean functions of `kernels.emulated_bf16`, which keep the statistics.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = list(self.normalized_shape)
         if fused_attention_enabled() and narrow_layer_norm_applies(x, shape, self.weight, self.bias):
-            return native_layer_norm(x, shape, self.weight, self.bias, self.eps)[0]
+            return narrow_layer_norm(x, self.weight, self.bias, self.eps)[0]
         return super().forward(x)
 
 
