@@ -18,6 +18,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +45,11 @@ def aten_gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[t
 @contextlib.contextmanager
 def aten_rows() -> Iterator[None]:
     """The two kernels stepped aside, as without them."""
-    patches = [
-        (kernels, "narrow_layer_norm_applies", lambda *_: False),
-        (tnt_layers, "narrow_layer_norm_applies", lambda *_: False),
-        (emulated_bf16, "gelu_backward_and_value", aten_gelu_backward_and_value),
-    ]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    try:
-        for module, name, value in patches:
-            setattr(module, name, value)
+    with contextlib.ExitStack() as stack:
+        for module in (kernels, tnt_layers):
+            stack.enter_context(mock.patch.object(module, "narrow_layer_norm_applies", return_value=False))
+        stack.enter_context(mock.patch.object(emulated_bf16, "gelu_backward_and_value", aten_gelu_backward_and_value))
         yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def median_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
