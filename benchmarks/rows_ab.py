@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from unittest import mock
 
@@ -53,15 +52,10 @@ def aten_rows() -> Iterator[None]:
 
 
 def median_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Medians of alternating calls (round 0 warms up)."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for r in range(rounds + 1):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if r:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Medians of the calls alternating (`bench.interleaved_times`: a warm-up call each, order rotated)."""
+    steps = {name: (lambda _, call=call: call()) for name, call in calls.items()}
+    times = interleaved_times(steps, [torch.empty(1)], BenchConfig(model="operators", runs=rounds, warmup=1))
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def operators(rounds: int) -> None:

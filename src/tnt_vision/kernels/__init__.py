@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -154,7 +155,7 @@ def narrow_layer_norm_applies(
     which keep the statistics it returns for ATen's LayerNorm backward), outside graph capture."""
     if len(shape) != 1 or shape[0] > MAX_NARROW_ROW or weight is None or bias is None:
         return False
-    if not all(_cpu_fp32(t) for t in (x, weight, bias)) or _records_grad(x, weight, bias):
+    if not all(cpu_fp32(t) for t in (x, weight, bias)) or grad_recorded((x, weight, bias)):
         return False
     return not capturing_graph() and kernels_available()
 
@@ -162,18 +163,19 @@ def narrow_layer_norm_applies(
 def gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad * gelu'(x), gelu(x)) for the exact GELU, in one pass where the kernel applies (contiguous fp32 CPU
     tensors of one shape, no gradient recorded), which writes the gradient over `grad`."""
-    fits = grad.shape == x.shape and grad.is_contiguous() and x.is_contiguous() and not _records_grad(grad, x)
-    if fits and _cpu_fp32(grad) and _cpu_fp32(x) and not capturing_graph() and kernels_available():
+    fits = grad.shape == x.shape and grad.is_contiguous() and x.is_contiguous() and not grad_recorded((grad, x))
+    if fits and cpu_fp32(grad) and cpu_fp32(x) and not capturing_graph() and kernels_available():
         with torch.profiler.record_function("tnt_vision::gelu_backward_and_value"):
             return grad, _kernels().gelu_backward_and_value(grad, x)
     return torch.ops.aten.gelu_backward(grad, x), torch.nn.functional.gelu(x)
 
 
-def _records_grad(*tensors: torch.Tensor) -> bool:
+def grad_recorded(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether autograd records a gradient for any of these tensors (read lazily, only where grad mode is on)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _cpu_fp32(t: torch.Tensor) -> bool:
+def cpu_fp32(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32
 
 
@@ -182,7 +184,7 @@ MAX_WORDS = MAX_HEAD_DIM = 64
 
 def word_attention_applies(qkv: torch.Tensor, tokens: int, head_dim: int) -> bool:
     """Whether `word_attention` can take this projection output: fp32 CPU, small sequences, not exported."""
-    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or tokens > MAX_WORDS or head_dim > MAX_HEAD_DIM:
+    if not cpu_fp32(qkv) or tokens > MAX_WORDS or head_dim > MAX_HEAD_DIM:
         return False
     return not exporting_graph() and kernels_available()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from ..kernels import (
     capturing_graph,
     exporting_graph,
+    grad_recorded,
     narrow_layer_norm,
     narrow_layer_norm_applies,
     onednn,
@@ -209,7 +211,7 @@ def records_grad(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    return grad_recorded(itertools.chain((x,), module.parameters()))
 
 
 def parts_hooked(module: nn.Module) -> bool:
