@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 namespace tnt_vision {
 
 constexpr int64_t kLanes = 8;
@@ -17,23 +21,39 @@ using IntLanes [[gnu::vector_size(kLanes * sizeof(int32_t))]] = int32_t;
 inline Lanes splat(float value) { return Lanes{} + value; }
 
 // The first n <= kLanes floats at p (the rest zero), and their store: the tails of rows not a multiple of kLanes.
-// A whole vector is one load or store; a tail goes value by value (memcpy of a run-time size is a library call).
+// A whole vector is one load or store; a tail is one masked load or store where the CPU has them (AVX2), else it
+// goes value by value (memcpy of a run-time size is a library call, and a part-written vector read back whole
+// stalls on store forwarding).
+#ifdef __AVX2__
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
 inline Lanes load(const float* p, int64_t n = kLanes) {
   Lanes v{};
   if (n == kLanes) {
     std::memcpy(&v, p, sizeof v);
-  } else {
-    for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+    return v;
   }
+#ifdef __AVX2__
+  return std::bit_cast<Lanes>(_mm256_maskload_ps(p, first_lanes(n)));
+#else
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
   return v;
+#endif
 }
 
 inline void store(float* p, Lanes v, int64_t n = kLanes) {
   if (n == kLanes) {
     std::memcpy(p, &v, sizeof v);
-  } else {
-    for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+    return;
   }
+#ifdef __AVX2__
+  _mm256_maskstore_ps(p, first_lanes(n), std::bit_cast<__m256>(v));
+#else
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+#endif
 }
 
 inline float sum_lanes(Lanes v) {
