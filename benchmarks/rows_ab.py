@@ -1,14 +1,15 @@
-"""The compiled LayerNorm for narrow rows and the fused GELU backward against ATen's, in one process.
+"""The compiled LayerNorm (forward, backward) for narrow rows and the fused GELU backward against ATen's, in one
+process.
 
     PYTHONPATH=src python benchmarks/rows_ab.py --model tnt_s_patch16_224 --batch 32 --rounds 5
     PYTHONPATH=src python benchmarks/rows_ab.py --batch 32 --rounds 5 --train
 
-Two contenders share one model (same weights): tnt-vision as it is, and tnt-vision with these two kernels stepped
-aside (ATen's LayerNorm for every row width, ATen's GELU and GELU-backward in the lean MLP's backward pass).
-`bench.interleaved_times` alternates them (warm-up, order rotated each round); medians are printed with the
-batch, threads and machine. First the operators alone at the sizes of one TNT-S micro-batch (8 images): the inner
-LayerNorm over 25088 rows of 24 channels, and GELU's backward and value over the inner and outer MLP's hidden
-layers; every kernel output is checked against ATen's.
+Two contenders share one model (same weights): tnt-vision as it is, and tnt-vision with these kernels stepped
+aside (ATen's LayerNorm and its backward for every row width, ATen's GELU and GELU-backward in the lean MLP's
+backward pass). `bench.interleaved_times` alternates them (warm-up, order rotated each round); medians are printed
+with the batch, threads and machine. First the operators alone at the sizes of one micro-batch (8 images): the
+inner LayerNorm and its backward over TNT-S's 25088 rows of 24 channels and TNT-Ti's 50176 of 12, and GELU's
+backward and value over TNT-S's inner and outer MLP's hidden layers; every kernel output is checked against ATen's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from unittest import mock
 
 import torch
@@ -37,16 +38,21 @@ from tnt_vision.models import create_model
 from tnt_vision.models import layers as tnt_layers
 
 
+def never(*args: object) -> bool:
+    """A plain function, not a `Mock`, which would keep every tensor it is called with (its call list)."""
+    return False
+
+
 def aten_gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten.gelu_backward(grad, x), F.gelu(x)
 
 
 @contextlib.contextmanager
 def aten_rows() -> Iterator[None]:
-    """The two kernels stepped aside, as without them."""
+    """The kernels stepped aside, as without them (the LayerNorm's backward follows its forward's test)."""
     with contextlib.ExitStack() as stack:
         for module in (kernels, tnt_layers):
-            stack.enter_context(mock.patch.object(module, "narrow_layer_norm_applies", return_value=False))
+            stack.enter_context(mock.patch.object(module, "narrow_layer_norm_applies", never))
         stack.enter_context(mock.patch.object(emulated_bf16, "gelu_backward_and_value", aten_gelu_backward_and_value))
         yield
 
@@ -59,19 +65,8 @@ def median_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
 
 
 def operators(rounds: int) -> None:
-    x, weight, bias = torch.randn(25088, 24) * 2 + 1, torch.randn(24), torch.randn(24)
-    ours = kernels.native_layer_norm(x, [24], weight, bias, 1e-5)
-    aten = torch.native_layer_norm(x, [24], weight, bias, 1e-5)
-    for a, b in zip(ours, aten, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    ms = median_ms(
-        {
-            "kernel": lambda: kernels.native_layer_norm(x, [24], weight, bias, 1e-5),
-            "aten": lambda: torch.native_layer_norm(x, [24], weight, bias, 1e-5),
-        },
-        rounds,
-    )
-    print(f"LayerNorm, 25088 rows of 24: kernel {ms['kernel']:.3f} ms, ATen {ms['aten']:.3f} ms")
+    for rows, width in ((25088, 24), (50176, 12)):  # TNT-S's and TNT-Ti's words
+        layer_norm_ms(rows, width, rounds)
     for rows, width, what in ((25088, 96, "inner"), (1576, 1536, "outer")):
         ms = gelu_ms(rows, width, rounds)
         print(
@@ -80,16 +75,45 @@ def operators(rounds: int) -> None:
         )
 
 
+def layer_norm_ms(rows: int, width: int, rounds: int) -> None:
+    x, weight, bias = torch.randn(rows, width) * 2 + 1, torch.randn(width), torch.randn(width)
+    ms = checked_ms(
+        lambda: kernels.native_layer_norm(x, [width], weight, bias, 1e-5),
+        lambda: torch.native_layer_norm(x, [width], weight, bias, 1e-5),
+        rounds,
+    )
+    print(f"LayerNorm, {rows} rows of {width}: kernel {ms['kernel']:.3f} ms, ATen {ms['aten']:.3f} ms")
+    grad, needs = torch.randn_like(x), [True] * 3
+    _, mean, rstd = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
+    ms = checked_ms(
+        lambda: kernels.native_layer_norm_backward(grad, x, [width], mean, rstd, weight, bias, needs),
+        lambda: torch.ops.aten.native_layer_norm_backward(grad, x, [width], mean, rstd, weight, bias, needs),
+        rounds,
+        atol=1e-3,  # the weight's gradient sums all rows
+    )
+    print(f"LayerNorm backward, {rows} rows of {width}: kernel {ms['kernel']:.3f} ms, ATen {ms['aten']:.3f} ms")
+
+
+def checked_ms(
+    kernel: Callable[[], Sequence[torch.Tensor]],
+    aten: Callable[[], Sequence[torch.Tensor]],
+    rounds: int,
+    atol: float = 1e-5,
+) -> dict[str, float]:
+    """The two calls' medians (`median_ms`), after checking that they give the same tensors."""
+    for a, b in zip(kernel(), aten(), strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
+    return median_ms({"kernel": kernel, "aten": aten}, rounds)
+
+
 def gelu_ms(rows: int, width: int, rounds: int) -> dict[str, float]:
     hidden, grad = torch.randn(rows, width), torch.randn(rows, width)
-    expected = aten_gelu_backward_and_value(grad, hidden)
-    for a, b in zip(kernels.gelu_backward_and_value(grad.clone(), hidden), expected, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
-    calls = {
-        "kernel": lambda: kernels.gelu_backward_and_value(grad.clone(), hidden),
-        "aten": lambda: aten_gelu_backward_and_value(grad.clone(), hidden),
-    }
-    return median_ms(calls, rounds)
+    return checked_ms(
+        lambda: kernels.gelu_backward_and_value(grad.clone(), hidden),
+        lambda: aten_gelu_backward_and_value(grad.clone(), hidden),
+        rounds,
+        atol=2e-6,
+    )
 
 
 def model_steps(args: argparse.Namespace) -> None:

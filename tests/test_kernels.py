@@ -100,8 +100,8 @@ def test_word_attention_refuses_what_it_cannot_compute() -> None:
 # ---- LayerNorm over narrow rows, GELU's backward ---------------------------------------------------------------
 @needs_kernels
 @pytest.mark.parametrize("width", [1, 7, 8, 12, 24, 40, 64])
-def test_narrow_layer_norm_matches_float64_with_statistics_for_atens_backward(width: int) -> None:
-    x = torch.randn(5, 37, width, dtype=torch.float64) * 3 + 1
+def test_narrow_layer_norm_and_its_backward_match_float64(width: int) -> None:
+    x = torch.randn(7, 91, width, dtype=torch.float64) * 3 + 1  # 637 rows: more than one thread's share
     weight, bias = torch.randn(width, dtype=torch.float64), torch.randn(width, dtype=torch.float64)
     expected = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
     x32, w32, b32 = x.float(), weight.float(), bias.float()
@@ -111,15 +111,14 @@ def test_narrow_layer_norm_matches_float64_with_statistics_for_atens_backward(wi
     for out, ours, aten in zip(expected, fast, plain, strict=True):  # output, mean, 1/std: as accurate as ATen's
         assert ours.shape == aten.shape
         assert error(ours, out) <= max(2e-6, 2 * error(aten, out))
-    # the lean functions hand the statistics to ATen's backward
+    # the backward from the kernel's statistics, against ATen's from its own
     grad = torch.randn_like(x)
-
-    def backward(g: torch.Tensor, inputs: torch.Tensor, stats: tuple, w: torch.Tensor, b: torch.Tensor) -> tuple:
-        return torch.ops.aten.native_layer_norm_backward(g, inputs, [width], *stats, w, b, [True] * 3)
-
-    expected_grads = backward(grad, x, expected[1:], weight, bias)
-    ours, aten = (backward(grad.float(), x32, stats, w32, b32) for stats in (fast[1:], plain[1:]))
+    aten_backward = torch.ops.aten.native_layer_norm_backward
+    expected_grads = aten_backward(grad, x, [width], *expected[1:], weight, bias, [True] * 3)
+    ours = kernels.native_layer_norm_backward(grad.float(), x32, [width], *fast[1:], w32, b32, [True] * 3)
+    aten = aten_backward(grad.float(), x32, [width], *plain[1:], w32, b32, [True] * 3)
     for g_ours, g_aten, g_expected in zip(ours, aten, expected_grads, strict=True):
+        assert g_ours.shape == g_aten.shape
         assert error(g_ours, g_expected) <= max(1e-5, 2 * error(g_aten, g_expected))
 
 
@@ -133,6 +132,21 @@ def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten()
     out[2, 3] = 0.0
     assert out.isfinite().all()
     torch.testing.assert_close(out, F.layer_norm(x, [24], weight, bias, 1e-6).nan_to_num(0.0), atol=2e-6, rtol=0)
+    grad = torch.randn_like(x)
+    _, mean, rstd = kernels.native_layer_norm(x, [24], weight, bias, 1e-6)
+    grad_x, grad_w, grad_b = kernels.native_layer_norm_backward(grad, x, [24], mean, rstd, weight, bias, [True] * 3)
+    assert grad_x[2, 3].isnan().all()
+    assert grad_w.isnan().all()  # every channel's sum has the NaN row's share
+    assert grad_b.isfinite().all()
+    grad_x[2, 3] = 0.0
+    assert grad_x.isfinite().all()
+    needs = [False, True, False]  # what is not asked for is None, as from ATen
+    assert [g is None for g in kernels.native_layer_norm_backward(grad, x, [24], mean, rstd, weight, bias, needs)] == [
+        True, False, True
+    ]  # fmt: skip
+    with torch.enable_grad():  # a gradient of the backward (double backward) is ATen's to record
+        grad_x = kernels.native_layer_norm_backward(grad.requires_grad_(), x, [24], mean, rstd, weight, bias, needs)
+    assert grad_x[1].grad_fn is not None
     for call in (
         (torch.randn(4, 65), [65], torch.randn(65), torch.randn(65)),  # wide rows: ATen is as fast
         (torch.randn(4, 24, requires_grad=True), [24], torch.randn(24), torch.randn(24)),  # autograd: ATen's

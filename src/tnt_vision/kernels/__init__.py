@@ -1,6 +1,6 @@
-"""Optional kernels: here the CPU ones (word attention, narrow LayerNorm, GELU's backward), compiled once per machine on
-first use (torch's C++ extension builder, cached); in `inner_block` the inner transformer block as Triton kernels
-(forward and backward) for GPUs.
+"""Optional kernels: here the CPU ones (word attention, narrow LayerNorm and its backward, GELU's backward),
+compiled once per machine on first use (torch's C++ extension builder, cached); in `inner_block` the inner
+transformer block as Triton kernels (forward and backward) for GPUs.
 
 Nothing needs them: without a C++ compiler, on other devices and dtypes, or with `TNT_VISION_CPU_KERNELS=0`, every
 layer takes its plain PyTorch path, which computes the same function.
@@ -125,8 +125,10 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
 _word_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-# LayerNorm rows at most this wide take the compiled kernel; over wide rows ATen's is as fast (on the AVX2
-# development machine, 25088 rows of 24 channels: 0.35 against 0.80 ms; 1576 rows of 384: 0.20 against 0.19).
+# LayerNorm rows at most this wide take the compiled kernels; over wide rows ATen's are as fast. On the AVX2
+# development machine (calls from Python, 2 threads, medians), forward over 25088 rows of 24 channels 0.55 against
+# 0.87 ms, 50176 rows of 12 1.38 against 2.19, 15680 of 40 0.45 against 0.60; backward 0.54 against 0.75, 1.62
+# against 2.84, 0.84 against 0.84. Over 1576 rows of 384, ATen's forward 0.19 ms against the kernel's 0.20.
 MAX_NARROW_ROW = 64
 
 
@@ -147,12 +149,33 @@ def narrow_layer_norm(
         return _kernels().layer_norm(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
 
 
+def native_layer_norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    shape: list[int],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    needs: list[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """`aten::native_layer_norm_backward` (the gradients of x, weight and bias, None where `needs` says no), by the
+    compiled kernel where the forward's applies (and grad, mean and 1/std are fp32 CPU tensors too)."""
+    statistics = (grad, mean, rstd)
+    fits = all(cpu_fp32(t) for t in statistics) and not grad_recorded(statistics)
+    if fits and weight is not None and bias is not None and narrow_layer_norm_applies(x, shape, weight, bias):
+        with torch.profiler.record_function("tnt_vision::layer_norm_backward"):
+            grads = _kernels().layer_norm_backward(*(t.contiguous() for t in (grad, x, mean, rstd, weight)))
+        return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+    return tuple(torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, needs))
+
+
 def narrow_layer_norm_applies(
     x: torch.Tensor, shape: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> bool:
     """Whether the compiled LayerNorm takes this call: rows of at most MAX_NARROW_ROW fp32 values on the CPU, with
     weight and bias, where no gradient is recorded (inference, and inside the lean functions of `emulated_bf16`,
-    which keep the statistics it returns for ATen's LayerNorm backward), outside graph capture."""
+    which keep the statistics it returns for `native_layer_norm_backward`), outside graph capture."""
     if len(shape) != 1 or shape[0] > MAX_NARROW_ROW or weight is None or bias is None:
         return False
     if not all(cpu_fp32(t) for t in (x, weight, bias)) or grad_recorded((x, weight, bias)):

@@ -16,6 +16,11 @@ at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor&
 // rows.cpp: LayerNorm over the last dimension, returning (output, mean, 1/std) as aten::native_layer_norm does.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
                                                           const at::Tensor& bias, double eps);
+// rows.cpp: LayerNorm's backward from its output's gradient, input, mean and 1/std: the gradients of the input,
+// the weight and the bias (rows of at most 64 values).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   const at::Tensor& weight);
 // rows.cpp: the exact GELU's gradient written over `grad` (grad * gelu'(x)), returning gelu(x).
 at::Tensor gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x);
 

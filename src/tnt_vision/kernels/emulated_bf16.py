@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ENV_SWITCH, capturing_graph, gelu_backward_and_value, native_layer_norm, switched_on
+from . import (
+    ENV_SWITCH,
+    capturing_graph,
+    gelu_backward_and_value,
+    native_layer_norm,
+    native_layer_norm_backward,
+    switched_on,
+)
 
 BF16 = torch.bfloat16
 
@@ -171,7 +178,7 @@ def _first_input_grads(
         return grad, None, None
     x, mean, rstd = kept
     grad, x = _widened(grad, low), _widened(x, low)
-    return tuple(torch.ops.aten.native_layer_norm_backward(grad, x, norm[0], mean, rstd, *norm_params, list(needs)))
+    return native_layer_norm_backward(grad, x, norm[0], mean, rstd, *norm_params, list(needs))
 
 
 def _first_linear_grads(

@@ -75,7 +75,8 @@ class LayerNorm(nn.LayerNorm):
 
     TNT's words have 12 to 40 channels, where ATen's CPU LayerNorm takes about twice as long as the kernel
     (`kernels.narrow_layer_norm`): fp32 CPU rows of at most 64 values where no gradient is recorded, in the fast
-    path. Training reaches it through the lean functions of `kernels.emulated_bf16`, which keep the statistics.
+    path. Training reaches it through the lean functions of `kernels.emulated_bf16`, which keep the statistics
+    for the kernel's backward (`kernels.native_layer_norm_backward`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
