@@ -156,13 +156,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
         const float *row = src + r * n, *g_row = g + r * n, mu = means[r], rs = rstds[r];
         const auto x_hat = [&](int64_t c, auto k) { return (load(row + c, k) - mu) * rs; };
         // with d = grad * weight: grad_x = rs (d - mean(d) - x_hat mean(d x_hat)); the tails' zeros add nothing
-        const float mean_d = row_sum(n, [&](int64_t c, auto k) { return load(g_row + c, k) * load(w + c, k); });
-        const float mean_dx = row_sum(n, [&](int64_t c, auto k) {
+        const float mean_d = inv_n * row_sum(n, [&](int64_t c, auto k) { return load(g_row + c, k) * load(w + c, k); });
+        const float mean_dx = inv_n * row_sum(n, [&](int64_t c, auto k) {
           return load(g_row + c, k) * load(w + c, k) * x_hat(c, k);
         });
         for_each_chunk(n, [&](int64_t c, auto k) {
           const Lanes gc = load(g_row + c, k), xc = x_hat(c, k);
-          store(dst + r * n + c, rs * (gc * load(w + c, k) - mean_d * inv_n - xc * (mean_dx * inv_n)), k);
+          store(dst + r * n + c, rs * (gc * load(w + c, k) - mean_d - xc * mean_dx), k);
           add(block_sums + c, gc * xc);
           add(block_sums + kMaxRow + c, gc);
         });
