@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from ..kernels import exporting_graph, onednn
 from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear
-from .layers import Linear, TransformerBlock, fused_attention_enabled, lean_path
+from .layers import LayerNorm, Linear, TransformerBlock, fused_attention_enabled, lean_path
 
 # Working set one block may touch per micro-batch on the CPU: the widest activation (the inner or outer MLP's
 # hidden layer) of a group of images is kept near this size so that it stays in the last-level cache.
@@ -164,7 +164,7 @@ class SentenceProjection(nn.Module):
     def __init__(self, num_words: int, inner_dim: int, outer_dim: int, *, bias: bool, legacy: bool = False) -> None:
         super().__init__()
         self.legacy = legacy
-        self.norm1 = nn.LayerNorm(inner_dim if legacy else num_words * inner_dim)
+        self.norm1 = LayerNorm(inner_dim if legacy else num_words * inner_dim)  # legacy: words, the narrow kernel
         self.proj = Linear(num_words * inner_dim, outer_dim, bias=bias)
         self.norm2 = nn.Identity() if legacy else nn.LayerNorm(outer_dim)
 
