@@ -100,7 +100,7 @@ def test_word_attention_refuses_what_it_cannot_compute() -> None:
 # ---- LayerNorm over narrow rows, GELU's backward ---------------------------------------------------------------
 @needs_kernels
 @pytest.mark.parametrize("width", [1, 7, 8, 12, 24, 40, 64])
-def test_narrow_layer_norm_and_its_backward_match_float64(width: int) -> None:
+def test_narrow_layer_norm_and_its_backward_match_float64(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(7, 91, width, dtype=torch.float64) * 3 + 1  # 637 rows: more than one thread's share
     weight, bias = torch.randn(width, dtype=torch.float64), torch.randn(width, dtype=torch.float64)
     expected = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
@@ -115,15 +115,27 @@ def test_narrow_layer_norm_and_its_backward_match_float64(width: int) -> None:
     grad = torch.randn_like(x)
     aten_backward = torch.ops.aten.native_layer_norm_backward
     expected_grads = aten_backward(grad, x, [width], *expected[1:], weight, bias, [True] * 3)
-    ours = kernels.native_layer_norm_backward(grad.float(), x32, [width], *fast[1:], w32, b32, [True] * 3)
+    with kernel_calls(monkeypatch) as calls:
+        ours = kernels.native_layer_norm_backward(grad.float(), x32, [width], *fast[1:], w32, b32, [True] * 3)
+    assert calls == [1]  # the kernel's, not ATen's
     aten = aten_backward(grad.float(), x32, [width], *plain[1:], w32, b32, [True] * 3)
     for g_ours, g_aten, g_expected in zip(ours, aten, expected_grads, strict=True):
         assert g_ours.shape == g_aten.shape
         assert error(g_ours, g_expected) <= max(1e-5, 2 * error(g_aten, g_expected))
 
 
+@contextlib.contextmanager
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """A list that gains an entry for each call into the compiled module while the context is open."""
+    calls: list[int] = []
+    compiled = kernels._kernels
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "_kernels", lambda: calls.append(1) or compiled())
+        yield calls
+
+
 @needs_kernels
-def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten() -> None:
+def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(6, 16, 24)
     x[2, 3, 5] = math.nan
     weight, bias = torch.randn(24), torch.randn(24)
@@ -134,7 +146,9 @@ def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten()
     torch.testing.assert_close(out, F.layer_norm(x, [24], weight, bias, 1e-6).nan_to_num(0.0), atol=2e-6, rtol=0)
     grad = torch.randn_like(x)
     _, mean, rstd = kernels.native_layer_norm(x, [24], weight, bias, 1e-6)
-    grad_x, grad_w, grad_b = kernels.native_layer_norm_backward(grad, x, [24], mean, rstd, weight, bias, [True] * 3)
+    with kernel_calls(monkeypatch) as calls:
+        grad_x, grad_w, grad_b = kernels.native_layer_norm_backward(grad, x, [24], mean, rstd, weight, bias, [True] * 3)
+    assert calls == [1]
     assert grad_x[2, 3].isnan().all()
     assert grad_w.isnan().all()  # every channel's sum has the NaN row's share
     assert grad_b.isfinite().all()
@@ -144,9 +158,10 @@ def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten()
     assert [g is None for g in kernels.native_layer_norm_backward(grad, x, [24], mean, rstd, weight, bias, needs)] == [
         True, False, True
     ]  # fmt: skip
-    with torch.enable_grad():  # a gradient of the backward (double backward) is ATen's to record
-        grad_x = kernels.native_layer_norm_backward(grad.requires_grad_(), x, [24], mean, rstd, weight, bias, needs)
-    assert grad_x[1].grad_fn is not None
+    with torch.enable_grad(), kernel_calls(monkeypatch) as calls:  # double backward: ATen's to record
+        grads = kernels.native_layer_norm_backward(grad.requires_grad_(), x, [24], mean, rstd, weight, bias, needs)
+    assert grads[1].grad_fn is not None
+    assert calls == []
     for call in (
         (torch.randn(4, 65), [65], torch.randn(65), torch.randn(65)),  # wide rows: ATen is as fast
         (torch.randn(4, 24, requires_grad=True), [24], torch.randn(24), torch.randn(24)),  # autograd: ATen's
