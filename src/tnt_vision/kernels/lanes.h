@@ -20,16 +20,16 @@ using IntLanes [[gnu::vector_size(kLanes * sizeof(int32_t))]] = int32_t;
 
 inline Lanes splat(float value) { return Lanes{} + value; }
 
+// All ones in the first n lanes, zeros in the rest.
+inline IntLanes first_lanes(int64_t n) {
+  constexpr IntLanes kIndex = {0, 1, 2, 3, 4, 5, 6, 7};
+  return kIndex < static_cast<int32_t>(n);
+}
+
 // The first n <= kLanes floats at p (the rest zero), and their store: the tails of rows not a multiple of kLanes.
 // A whole vector is one load or store; a tail is one masked load or store where the CPU has them (AVX2), else it
 // goes value by value (memcpy of a run-time size is a library call, and a part-written vector read back whole
 // stalls on store forwarding).
-#ifdef __AVX2__
-inline __m256i first_lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-#endif
-
 inline Lanes load(const float* p, int64_t n = kLanes) {
   Lanes v{};
   if (n == kLanes) {
@@ -37,11 +37,11 @@ inline Lanes load(const float* p, int64_t n = kLanes) {
     return v;
   }
 #ifdef __AVX2__
-  return std::bit_cast<Lanes>(_mm256_maskload_ps(p, first_lanes(n)));
+  v = std::bit_cast<Lanes>(_mm256_maskload_ps(p, std::bit_cast<__m256i>(first_lanes(n))));
 #else
   for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-  return v;
 #endif
+  return v;
 }
 
 inline void store(float* p, Lanes v, int64_t n = kLanes) {
@@ -50,7 +50,7 @@ inline void store(float* p, Lanes v, int64_t n = kLanes) {
     return;
   }
 #ifdef __AVX2__
-  _mm256_maskstore_ps(p, first_lanes(n), std::bit_cast<__m256>(v));
+  _mm256_maskstore_ps(p, std::bit_cast<__m256i>(first_lanes(n)), std::bit_cast<__m256>(v));
 #else
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 #endif

@@ -48,8 +48,7 @@ void for_each_chunk_parallel(int64_t n, F&& body) {
 
 // v with the lanes from k on set to zero.
 inline Lanes only_first(int64_t k, Lanes v) {
-  constexpr IntLanes kIndex = {0, 1, 2, 3, 4, 5, 6, 7};
-  return k == kLanes ? v : (kIndex < static_cast<int32_t>(k) ? v : Lanes{});
+  return k == kLanes ? v : (first_lanes(k) ? v : Lanes{});
 }
 
 // Sum over a row of n values of value(c, k), the vector of its values c to c + k.
