@@ -173,7 +173,7 @@ def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten(m
 
 
 @needs_kernels
-def test_gelu_backward_and_value_matches_float64_and_atens_special_values() -> None:
+def test_gelu_backward_and_value_matches_float64_and_its_special_values() -> None:
     x = torch.cat([torch.linspace(-14, 14, 40001), torch.randn(9999) * 3]).double()
     grad = torch.randn_like(x)
     fast_grad = grad.float()
@@ -187,7 +187,8 @@ def test_gelu_backward_and_value_matches_float64_and_atens_special_values() -> N
     special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, 1e30, -1e30, 1e-30, -40.0, 40.0])
     ones = torch.ones_like(special)
     grad_out, value = kernels.gelu_backward_and_value(ones.clone(), special)
-    torch.testing.assert_close(value, F.gelu(special), equal_nan=True)
+    # float64's values: ATen's fp32 GELU gives NaN for +inf in its AVX-512 loop (inf in its AVX2 and scalar ones)
+    torch.testing.assert_close(value, F.gelu(special.double()).float(), equal_nan=True)
     torch.testing.assert_close(grad_out, torch.ops.aten.gelu_backward(ones, special), equal_nan=True)
     half = x.bfloat16()  # other dtypes: ATen's functions, the gradient not overwritten
     grad_half = grad.bfloat16()
