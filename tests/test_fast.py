@@ -212,6 +212,35 @@ def test_onednn_inference_matches_explicit_path(name: str, overrides: dict, monk
         assert calls["linear"] > 0
 
 
+@pytest.mark.skipif(
+    not (onednn.available() and emulated_bf16.bf16_hardware()), reason="this CPU has no bf16 products for oneDNN"
+)
+def test_onednn_bf16_autocast_inference_computes_what_autocast_computes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast on a CPU with bf16 products: autocast's linear layers (bf16 operands, bias and output,
+    GELU on the rounded output), one oneDNN call each; the whole model within bf16 rounding of the explicit path."""
+    x, weight, bias = torch.randn(2, 7, 16) * 3, torch.randn(32, 16), torch.randn(32)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
+        out = onednn.linear(x, weight, bias, gelu=True)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, expected, atol=0, rtol=2**-8)  # up to the order of the GEMM's additions
+        residual = torch.randn(2, 7, 32)
+        out = onednn.linear_add(x, weight, bias, residual)  # the fp32 residual stream stays fp32
+        torch.testing.assert_close(out, residual + torch.nn.functional.linear(x, weight, bias), atol=0, rtol=0)
+
+    model = randomize_(create_model("tnt_s_patch16_224", **TINY)).eval()
+    calls: Counter[str] = Counter()
+    original = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *a, **k: calls.update(["linear"]) or original(*a, **k))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        fast = model(images).float()
+        with fused_attention(False):
+            plain = model(images).float()
+    assert calls["linear"] > 0
+    assert (fast - plain).abs().max() <= TOLERANCE[torch.bfloat16] * plain.abs().max()
+
+
 @pytest.mark.parametrize("epilogue", [False, True])
 def test_onednn_gelu_in_place_or_as_epilogue(epilogue: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if not onednn.available():
@@ -230,7 +259,10 @@ def test_onednn_steps_aside() -> None:
     with torch.no_grad():
         assert onednn.onednn_applies(x) == onednn.available()
         assert not onednn.onednn_applies(x.double())
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16):  # autocast's bf16 products, where the CPU has them
+            assert onednn.onednn_applies(x) == (onednn.available() and emulated_bf16.bf16_hardware())
+            assert not onednn.onednn_applies(x.double())
+        with torch.autocast("cpu", torch.float16):
             assert not onednn.onednn_applies(x)
         assert block.onednn_forward_applies(x) == onednn.available()
         assert not block.train().onednn_forward_applies(x)  # dropout and drop-path would be skipped

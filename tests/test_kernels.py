@@ -75,6 +75,24 @@ def error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @needs_kernels
+@pytest.mark.parametrize(("words", "heads", "head_dim"), [(16, 4, 6), (16, 4, 10), (9, 2, 7)])
+def test_word_attention_over_bf16_is_the_fp32_kernel_rounded(words: int, heads: int, head_dim: int) -> None:
+    """bf16 q/k/v (autocast's): the fp32 computation of the same values, output and gradient rounded to bf16."""
+    qkv = (torch.randn(37, words, 3 * heads * head_dim) * 2).bfloat16().requires_grad_()
+    wide = qkv.detach().float().requires_grad_()
+    scale = head_dim**-0.5
+    out, expected = word_attention(qkv, heads, scale), word_attention(wide, heads, scale)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.float())
+    assert out.dtype == qkv.grad.dtype == torch.bfloat16
+    one_ulp = {"atol": 1e-30, "rtol": 2**-8}  # the same fp32 values rounded, up to the order of their additions
+    torch.testing.assert_close(out, expected.bfloat16(), **one_ulp)
+    torch.testing.assert_close(qkv.grad, wide.grad.bfloat16(), **one_ulp)
+    assert error(out, reference_attention(qkv, heads)) <= 2**-8 * reference_attention(qkv, heads).abs().max()
+
+
+@needs_kernels
 def test_word_attention_takes_strided_input_and_propagates_nan() -> None:
     wide = torch.randn(8, 16, 200)
     qkv = wide[:, :, :72]  # a non-contiguous view
@@ -224,7 +242,7 @@ def test_model_uses_the_kernel_for_words_only_and_where_it_applies(monkeypatch: 
             assert attention_calls(model, x, monkeypatch) == []
         with torch.autocast("cpu", torch.bfloat16):
             monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
-            assert attention_calls(model, x, monkeypatch) == []  # bf16 q/k/v: fp32 only
+            assert attention_calls(model, x, monkeypatch) == [16, 16]  # bf16 q/k/v: widened as it reads them
             monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: False)
             assert attention_calls(model, x, monkeypatch) == [16, 16]  # bf16 emulated through fp32: the kernel too
     dropping = create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=10, attn_drop_rate=0.1).train()
@@ -305,6 +323,11 @@ def test_micro_batches_are_balanced_and_sized_by_the_widest_activation(monkeypat
     assert model.micro_batch(torch.zeros(32, 197, 384, dtype=torch.bfloat16)) == 16  # half the bytes per image
     with fused_attention(False):
         assert model.micro_batch(torch.zeros(32, 197, 384)) == 32
+    monkeypatch.setattr(tnt, "BF16_BLOCK_BYTES", 16 * per_image)
+    for hardware in (False, True):  # under bf16 autocast, the bf16 budget where the CPU multiplies bf16
+        monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda hardware=hardware: hardware)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert model.micro_batch(torch.zeros(32, 197, 384)) == (16 if hardware else 8)
 
 
 @needs_kernels

@@ -1,4 +1,5 @@
-// The CPU kernels' entry points (fp32, contiguous tensors), bound to Python in cpu_kernels.cpp.
+// The CPU kernels' entry points (contiguous fp32 tensors; the word attention's also bf16), bound to Python in
+// cpu_kernels.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -54,11 +54,28 @@ def native_bf16() -> bool:
 
 def emulating_bf16(x: torch.Tensor) -> bool:
     """CPU autocast to bf16, on a CPU without bf16 arithmetic, outside graph capture."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, BF16) or not torch.is_autocast_enabled("cpu"):
-        return False  # autocast leaves other dtypes (float64) alone
-    if torch.get_autocast_dtype("cpu") != BF16 or capturing_graph():
+    if not _bf16_autocast(x) or capturing_graph():
         return False
     return not native_bf16() and switched_on(ENV_SWITCH)
+
+
+def native_bf16_autocast(x: torch.Tensor) -> bool:
+    """CPU autocast to bf16 on an x86 CPU with bf16 products, where autocast's own bf16 products apply (and the fast
+    paths made for them: oneDNN's bf16 linear layers, larger micro-batches)."""
+    return _bf16_autocast(x) and bf16_hardware()
+
+
+@functools.cache
+def bf16_hardware() -> bool:
+    """Whether this is an x86 CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def _bf16_autocast(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, BF16) or not torch.is_autocast_enabled("cpu"):
+        return False  # autocast leaves other dtypes (float64) alone
+    return torch.get_autocast_dtype("cpu") == BF16
 
 
 def _rounded(t: torch.Tensor) -> torch.Tensor:

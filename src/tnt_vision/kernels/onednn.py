@@ -1,15 +1,19 @@
-"""fp32 CPU inference through oneDNN's fused linear layers (the operators torch.compile's CPU backend emits).
+"""CPU inference through oneDNN's fused linear layers (the operators torch.compile's CPU backend emits): fp32, and
+bf16 autocast on a CPU with bf16 products.
 
 `F.linear` copies the bias into its output before the GEMM accumulates onto it, and the GELU after the MLP's
 first layer and the block's residual additions each read and write the activation once more. oneDNN's linear
 applies the bias or the residual addition to each tile of the product while it is in cache. Its exact-GELU
 epilogue, though, is slower than ATen's vectorised GELU run in place on the output (`GELU_EPILOGUE`). Same
-results up to the order of the GEMM's additions. Inference only (these operators have no autograd formula),
-fp32, CPU; off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
+results up to the order of the GEMM's additions. Under bf16 autocast the input, weight and bias are cast to bf16
+as autocast casts them and the output is bf16, autocast's result (there the bias copy and the GELU's fresh output
+cost more than the product: TNT-S's outer fc1 and GELU at batch 32, 31 ms against 11); the residual stream stays
+fp32, so the residual additions are not fused there. Inference only (these operators have no autograd formula), CPU;
+off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
 
-Each weight is reordered once into oneDNN's blocked layout (as torch.compile's freezing does) instead of on every
-call; the copy is kept beside the parameter, remade when the parameter changes (version counter, storage or shape),
-and dropped by `release` (the model does so when it is put in training mode).
+Each weight is reordered once (per dtype) into oneDNN's blocked layout (as torch.compile's freezing does) instead
+of on every call; the copy is kept beside the parameter, remade when the parameter changes (version counter, storage
+or shape), and dropped by `release` (the model does so when it is put in training mode).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ENV_SWITCH, capturing_graph, switched_on
+from .emulated_bf16 import BF16, native_bf16_autocast
 
 # oneDNN's exact GELU as the GEMM's epilogue against ATen's GELU in place on the output: on the AVX2 development
 # machine the epilogue made TNT-S fp32 inference at batch 32 5-7% slower in all (3141 against 2985 ms, 3038
@@ -40,32 +45,36 @@ def _packing_available() -> bool:
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
-    """fp32 CPU inference (no gradient recorded, no autocast), outside graph capture, where oneDNN is built in."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+    """CPU inference (no gradient recorded) in fp32 without autocast, or under bf16 autocast on a CPU with bf16
+    products; outside graph capture, where oneDNN is built in."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or capturing_graph():
         return False
-    if torch.is_autocast_enabled("cpu") or capturing_graph():
+    fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    if not (fp32 or native_bf16_autocast(x)):
         return False
     return available() and switched_on(ENV_SWITCH)
 
 
-# weight -> (its values when packed; their address, layout and version; the weight in oneDNN's layout). Entries go
-# when their weight does. Holding the packed values keeps their storage alive, so a weight given new storage
-# (`weight.data = ...`) cannot land at the same address and pass for the packed one.
+# weight -> {dtype: (its values when packed; their address, layout and version; the weight in oneDNN's layout)}.
+# Entries go when their weight does. Holding the packed values keeps their storage alive, so a weight given new
+# storage (`weight.data = ...`) cannot land at the same address and pass for the packed one.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """`weight` in oneDNN's blocked layout for products with about `rows` rows, reordered once per weight value.
+def packed(weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`weight` in `dtype` and oneDNN's blocked layout for products with about `rows` rows, reordered once per
+    weight value.
 
-    Weights made under inference mode carry no version counter, so they are used as they are.
+    Weights made under inference mode carry no version counter, so they are used as they are (cast to `dtype`).
     """
     if weight.is_inference() or not _packing_available():
-        return weight
+        return weight.to(dtype)
     stamp = (weight.data_ptr(), weight.shape, weight.stride(), weight._version)
-    entry = _PACKED.get(weight)
+    entries = _PACKED.setdefault(weight, {})
+    entry = entries.get(dtype)
     if entry is None or entry[1] != stamp:
         values = weight.detach()
-        entry = _PACKED[weight] = (values, stamp, torch.ops.mkldnn._reorder_linear_weight(values, rows))
+        entry = entries[dtype] = (values, stamp, torch.ops.mkldnn._reorder_linear_weight(values.to(dtype), rows))
     return entry[2]
 
 
@@ -80,8 +89,13 @@ def _rows(x: torch.Tensor) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` in one oneDNN call, followed by the exact GELU if asked (see `GELU_EPILOGUE`)."""
-    weight = packed(weight, _rows(x))
+    """`F.linear(x, weight, bias)` in one oneDNN call, followed by the exact GELU if asked (see `GELU_EPILOGUE`).
+
+    Under autocast (bf16, where `onednn_applies`) the operands are cast to bf16 first, as autocast casts them.
+    """
+    if torch.is_autocast_enabled("cpu"):
+        x, bias = x.to(BF16), None if bias is None else bias.to(BF16)
+    weight = packed(weight, _rows(x), x.dtype)
     if gelu and GELU_EPILOGUE:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -91,7 +105,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 def linear_add(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
-    """`residual + F.linear(x, weight, bias)` in one oneDNN call (a residual that is not contiguous: two steps)."""
-    if not residual.is_contiguous():
+    """`residual + F.linear(x, weight, bias)` in one oneDNN call; in two steps for a residual that is not contiguous
+    and under autocast (a bf16 product added to the fp32 residual stream)."""
+    if not residual.is_contiguous() or torch.is_autocast_enabled("cpu"):
         return residual + linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed(weight, _rows(x)), bias, "add")

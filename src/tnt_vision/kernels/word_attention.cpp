@@ -9,9 +9,12 @@
 // Queries are independent in the forward pass; in the backward pass the key and value gradients sum over them.
 //
 // Layout: qkv is the output of the fused q/k/v projection, (P, m, 3C) with C = heads * d, read in place (no
-// permute); the output is (P, m, C), ready for the output projection. fp32 only.
+// permute); the output is (P, m, C), ready for the output projection. fp32, or bf16 (autocast's q/k/v on a CPU with
+// bf16 products): bf16 values are widened as they are read, everything is computed in fp32, and outputs and
+// gradients are rounded to bf16 (to nearest even) as they are written, as a cast of the fp32 results would round.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -52,7 +55,8 @@ void with_common_head_dim(const Shape<>& s, F&& body) {
 
 Shape<> check(const at::Tensor& qkv, int64_t heads) {
   TORCH_CHECK(qkv.device().is_cpu(), "word attention: expected a CPU tensor");
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat, "word attention: expected float32, got ", qkv.scalar_type());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
+              "word attention: expected float32 or bfloat16, got ", qkv.scalar_type());
   TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous(), "word attention: expected contiguous (P, m, 3C) q/k/v");
   TORCH_CHECK(heads > 0 && qkv.size(2) % (3 * heads) == 0, "word attention: width not divisible by 3 * heads");
   Shape<> s{qkv.size(0), qkv.size(1), heads, qkv.size(2) / (3 * heads)};
@@ -67,25 +71,25 @@ struct Block {
 };
 
 // dst[c] = factor * (src[i * stride + c])_i over the block's queries, transposed, zero-padded to kLanes.
-template <typename Dim>
-inline void load_transposed(Lanes* dst, const float* src, int64_t stride, const Block& b, Dim d, float factor) {
+template <typename T, typename Dim>
+inline void load_transposed(Lanes* dst, const T* src, int64_t stride, const Block& b, Dim d, float factor) {
   for (int64_t c = 0; c < d; ++c) dst[c] = Lanes{};
   for (int64_t i = 0; i < b.rows; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[c][i] = src[(b.first + i) * stride + c] * factor;
+    for (int64_t c = 0; c < d; ++c) dst[c][i] = static_cast<float>(src[(b.first + i) * stride + c]) * factor;
 }
 
 // dst[i * stride + c] = src[c][i] over the block's queries: the inverse of load_transposed.
-template <typename Dim>
-inline void store_transposed(float* dst, int64_t stride, const Lanes* src, const Block& b, Dim d) {
+template <typename T, typename Dim>
+inline void store_transposed(T* dst, int64_t stride, const Lanes* src, const Block& b, Dim d) {
   for (int64_t i = 0; i < b.rows; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[(b.first + i) * stride + c] = src[c][i];
+    for (int64_t c = 0; c < d; ++c) dst[(b.first + i) * stride + c] = static_cast<T>(src[c][i]);
 }
 
 // sum_c x[c] * yT[c]: (x . y_i)_i over the block's queries.
-template <typename Dim>
-inline Lanes dot_rows(const float* x, const Lanes* yT, Dim d) {
+template <typename T, typename Dim>
+inline Lanes dot_rows(const T* x, const Lanes* yT, Dim d) {
   Lanes row{};
-  for (int64_t c = 0; c < d; ++c) row += x[c] * yT[c];
+  for (int64_t c = 0; c < d; ++c) row += static_cast<float>(x[c]) * yT[c];
   return row;
 }
 
@@ -94,20 +98,20 @@ struct ChannelRows {
   static constexpr int64_t kChunks = kMaxHeadDim / kLanes;
   Lanes rows[kMaxWords][kChunks];
 
-  template <typename Dim>
-  void load(const float* src, int64_t stride, const Shape<Dim>& s, float factor) {
+  template <typename T, typename Dim>
+  void load(const T* src, int64_t stride, const Shape<Dim>& s, float factor) {
     for (int64_t i = 0; i < s.words; ++i)
       for (int64_t c = 0; c < s.head_dim; ++c) {
         if (c % kLanes == 0) rows[i][c / kLanes] = Lanes{};
-        rows[i][c / kLanes][c % kLanes] = src[i * stride + c] * factor;
+        rows[i][c / kLanes][c % kLanes] = static_cast<float>(src[i * stride + c]) * factor;
       }
   }
 
   // out_j = sum_i w[i][j] row_i for the m keys j, where w[i][j] = wT[i / kLanes][j][i % kLanes] (kept per query
   // block, one vector per key): a product with the channels in lanes, no sums across lanes. The loop over queries
   // is outermost, so that consecutive updates go to different keys (no chain of dependent additions).
-  template <typename Dim>
-  void weighted_sums(float* out, int64_t stride, const Lanes (*wT)[kMaxWords], const Shape<Dim>& s) const {
+  template <typename T, typename Dim>
+  void weighted_sums(T* out, int64_t stride, const Lanes (*wT)[kMaxWords], const Shape<Dim>& s) const {
     const int64_t chunks = (s.head_dim + kLanes - 1) / kLanes;
     Lanes acc[kMaxWords][kChunks];
     for (int64_t j = 0; j < s.words; ++j)
@@ -118,7 +122,7 @@ struct ChannelRows {
         for (int64_t b = 0; b < chunks; ++b) acc[j][b] += w * rows[i][b];
       }
     for (int64_t j = 0; j < s.words; ++j)
-      for (int64_t c = 0; c < s.head_dim; ++c) out[j * stride + c] = acc[j][c / kLanes][c % kLanes];
+      for (int64_t c = 0; c < s.head_dim; ++c) out[j * stride + c] = static_cast<T>(acc[j][c / kLanes][c % kLanes]);
   }
 };
 
@@ -130,8 +134,8 @@ struct Scores {
 
   // Fills qT = scale * q^T and eT[j] = (exp(scale q_i . k_j - max_j))_i, so that
   // softmax(scale q k^T)[i][j] = eT[j][i] * inv_sum[i].
-  template <typename Dim>
-  void compute(const float* q, const float* k, const Shape<Dim>& s, const Block& b, float scale) {
+  template <typename T, typename Dim>
+  void compute(const T* q, const T* k, const Shape<Dim>& s, const Block& b, float scale) {
     const int64_t C3 = 3 * s.width();
     load_transposed(qT, q, C3, b, s.head_dim, scale);
     Lanes mx{};
@@ -163,56 +167,40 @@ void for_each_block(const Shape<Dim>& s, F&& body) {
   for (int64_t first = 0; first < s.words; first += kLanes) body(Block{first, std::min(kLanes, s.words - first)});
 }
 
-}  // namespace
-
-at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale) {
-  const Shape<> shape = check(qkv, heads);
-  auto out = at::empty({shape.sentences, shape.words, shape.width()}, qkv.options());
-  const float* src = qkv.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+template <typename T>
+void forward(const Shape<>& shape, const T* src, T* dst, float scale) {
   with_common_head_dim(shape, [&](const auto& s) {
     const int64_t m = s.words, C = s.width(), C3 = 3 * C;
     const auto d = s.head_dim;
     for_each_pair(s, [&](Scores& scores, int64_t p, int64_t h) {
-      const float* q = src + p * m * C3 + h * d;
-      const float* v = q + 2 * C;
+      const T* q = src + p * m * C3 + h * d;
+      const T* v = q + 2 * C;
       for_each_block(s, [&](const Block& b) {
-        scores.compute(q, q + C, s, b, static_cast<float>(scale));
+        scores.compute(q, q + C, s, b, scale);
         Lanes oT[kMaxHeadDim];
         for (int64_t c = 0; c < d; ++c) oT[c] = Lanes{};
         for (int64_t j = 0; j < m; ++j)
-          for (int64_t c = 0; c < d; ++c) oT[c] += v[j * C3 + c] * scores.eT[j];
+          for (int64_t c = 0; c < d; ++c) oT[c] += static_cast<float>(v[j * C3 + c]) * scores.eT[j];
         for (int64_t c = 0; c < d; ++c) oT[c] *= scores.inv_sum;
         store_transposed(dst + p * m * C + h * d, C, oT, b, d);
       });
     });
   });
-  return out;
 }
 
 // Gradient with respect to qkv, recomputing the probabilities (nothing but qkv is saved by the forward pass).
-at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, int64_t heads,
-                                      double scale) {
-  const Shape<> shape = check(qkv, heads);
-  const auto grad = grad_out.contiguous();
-  TORCH_CHECK(grad.scalar_type() == at::kFloat &&
-                  grad.sizes() == at::IntArrayRef({shape.sentences, shape.words, shape.width()}),
-              "word attention: gradient of the wrong shape or type");
-  auto grad_qkv = at::empty_like(qkv);
-  const float* src = qkv.data_ptr<float>();
-  const float* gsrc = grad.data_ptr<float>();
-  float* gdst = grad_qkv.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+template <typename T>
+void backward(const Shape<>& shape, const T* src, const T* gsrc, T* gdst, float sc) {
   constexpr int64_t kBlocks = kMaxWords / kLanes;
   with_common_head_dim(shape, [&](const auto& s) {
     const int64_t m = s.words, C = s.width(), C3 = 3 * C;
     const auto d = s.head_dim;
     for_each_pair(s, [&](Scores& scores, int64_t p, int64_t h) {
-      const float* q = src + p * m * C3 + h * d;
-      const float* k = q + C;
-      const float* v = q + 2 * C;
-      const float* go = gsrc + p * m * C + h * d;
-      float* gq = gdst + p * m * C3 + h * d;
+      const T* q = src + p * m * C3 + h * d;
+      const T* k = q + C;
+      const T* v = q + 2 * C;
+      const T* go = gsrc + p * m * C + h * d;
+      T* gq = gdst + p * m * C3 + h * d;
       // Per query block, one vector per key j: the probabilities A^T and dS^T.
       Lanes probabilities[kBlocks][kMaxWords];
       Lanes score_grads[kBlocks][kMaxWords];
@@ -235,7 +223,7 @@ at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor&
         for (int64_t c = 0; c < d; ++c) gqT[c] = Lanes{};
         for (int64_t j = 0; j < m; ++j) {
           ds[j] = a[j] * (ds[j] - correction);
-          for (int64_t c = 0; c < d; ++c) gqT[c] += (k[j * C3 + c] * sc) * ds[j];
+          for (int64_t c = 0; c < d; ++c) gqT[c] += (static_cast<float>(k[j * C3 + c]) * sc) * ds[j];
         }
         store_transposed(gq, C3, gqT, b, d);
       });
@@ -247,6 +235,35 @@ at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor&
       rows.weighted_sums(gq + C, C3, score_grads, s);
     });
   });
+}
+
+}  // namespace
+
+at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale) {
+  const Shape<> shape = check(qkv, heads);
+  auto out = at::empty({shape.sentences, shape.words, shape.width()}, qkv.options());
+  const float sc = static_cast<float>(scale);
+  if (qkv.scalar_type() == at::kBFloat16)
+    forward(shape, qkv.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), sc);
+  else
+    forward(shape, qkv.data_ptr<float>(), out.data_ptr<float>(), sc);
+  return out;
+}
+
+at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, int64_t heads,
+                                      double scale) {
+  const Shape<> shape = check(qkv, heads);
+  const auto grad = grad_out.contiguous();
+  TORCH_CHECK(grad.scalar_type() == qkv.scalar_type() &&
+                  grad.sizes() == at::IntArrayRef({shape.sentences, shape.words, shape.width()}),
+              "word attention: gradient of the wrong shape or type");
+  auto grad_qkv = at::empty_like(qkv);
+  const float sc = static_cast<float>(scale);
+  if (qkv.scalar_type() == at::kBFloat16) {
+    using BF16 = at::BFloat16;
+    backward(shape, qkv.data_ptr<BF16>(), grad.data_ptr<BF16>(), grad_qkv.data_ptr<BF16>(), sc);
+  } else
+    backward(shape, qkv.data_ptr<float>(), grad.data_ptr<float>(), grad_qkv.data_ptr<float>(), sc);
   return grad_qkv;
 }
 

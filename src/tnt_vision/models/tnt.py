@@ -18,12 +18,15 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..kernels import exporting_graph, onednn
-from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear
+from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear, native_bf16_autocast
 from .layers import LayerNorm, Linear, TransformerBlock, fused_attention_enabled, lean_path
 
 # Working set one block may touch per micro-batch on the CPU: the widest activation (the inner or outer MLP's
 # hidden layer) of a group of images is kept near this size so that it stays in the last-level cache.
 CACHE_BLOCK_BYTES = 10 * 2**20
+# Under bf16 autocast on a CPU with bf16 products (AMX) the outer layers' products run several times faster and
+# want more rows: groups four times as large measured fastest (TNT-S, batch 32 and 64).
+BF16_BLOCK_BYTES = 4 * CACHE_BLOCK_BYTES
 
 
 @dataclass(frozen=True)
@@ -342,7 +345,8 @@ class TNT(nn.Module):
         widest = tokens * cfg.outer_dim * cfg.mlp_ratio
         if cfg.has_words:
             widest = max(widest, (tokens - 1) * cfg.num_words * cfg.inner_dim * cfg.mlp_ratio)
-        cap = max(1, int(CACHE_BLOCK_BYTES // (widest * sentences.element_size())))
+        budget = BF16_BLOCK_BYTES if native_bf16_autocast(sentences) else CACHE_BLOCK_BYTES
+        cap = max(1, int(budget // (widest * sentences.element_size())))
         groups = math.ceil(B / cap)
         return math.ceil(B / groups)
 

@@ -1,0 +1,94 @@
+"""bf16 autocast on a CPU with bf16 products (AMX): tnt-vision against its previous bf16 path and timm, in one
+process.
+
+    PYTHONPATH=src python benchmarks/bf16_ab.py --model tnt_s_patch16_224 --batch 32 --rounds 15
+    PYTHONPATH=src python benchmarks/bf16_ab.py --batch 32 --rounds 7 --train
+
+Three contenders alternate (`bench.interleaved_times`: a warm-up call each, order rotated every round), all under
+`torch.autocast("cpu", torch.bfloat16)`: tnt-vision as it is; tnt-vision as it was before its bf16 path (the
+words' attention by `scaled_dot_product_attention` in bf16, autocast's `F.linear` and GELU instead of oneDNN's
+linear layers, micro-batches of the fp32 size); timm's TNT with the same configuration. Medians and the spread
+(lowest, highest) are printed with the batch, threads and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from collections.abc import Iterator
+from unittest import mock
+
+import torch
+
+from tnt_vision import kernels
+from tnt_vision.bench import (
+    BenchConfig,
+    build_module,
+    cpu_name,
+    inference_step,
+    interleaved_times,
+    make_inputs,
+    set_threads,
+    train_step,
+)
+from tnt_vision.kernels import emulated_bf16, onednn
+from tnt_vision.models import create_model, tnt
+from tnt_vision.models import layers as tnt_layers
+
+
+def fp32_word_attention_only(qkv: torch.Tensor, tokens: int, head_dim: int) -> bool:
+    """The kernel's test before bf16 q/k/v were taken (a plain function: a `Mock` would keep every tensor)."""
+    return qkv.dtype == torch.float32 and kernels.word_attention_applies(qkv, tokens, head_dim)
+
+
+def onednn_without_autocast(x: torch.Tensor) -> bool:
+    return not torch.is_autocast_enabled("cpu") and onednn.onednn_applies(x)
+
+
+@contextlib.contextmanager
+def previous_bf16_path() -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(tnt_layers, "word_attention_applies", fp32_word_attention_only))
+        stack.enter_context(mock.patch.object(tnt_layers, "onednn_applies", onednn_without_autocast))
+        stack.enter_context(mock.patch.object(tnt, "BF16_BLOCK_BYTES", tnt.CACHE_BLOCK_BYTES))
+        yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tnt_s_patch16_224")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--train", action="store_true")
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    if not emulated_bf16.native_bf16():
+        raise SystemExit("this CPU has no bf16 products: bf16 autocast takes the emulated path (rows_ab.py)")
+    cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train, dtype="bf16")
+    make_step = train_step if args.train else inference_step
+    ours = make_step(create_model(args.model), cfg)
+
+    def previous(x: torch.Tensor) -> object:
+        with previous_bf16_path():
+            return ours(x)
+
+    steps = {"tnt-vision": ours, "previous": previous, "timm": make_step(build_module("timm", args.model, 224), cfg)}
+    times = interleaved_times(steps, make_inputs(cfg, args.batch), cfg)
+    what = "training step" if args.train else "inference"
+    print(
+        f"{args.model} {what}, batch {args.batch}, bf16 autocast, {threads} threads, {cpu_name()}, "
+        f"torch {torch.__version__}"
+    )
+    base = statistics.median(times["tnt-vision"])
+    for name, t in times.items():
+        ms = [s * 1e3 for s in t]
+        print(
+            f"  {name:10s} median {statistics.median(ms):7.0f} ms (lowest {min(ms):.0f}, highest {max(ms):.0f}), "
+            f"tnt-vision {statistics.median(t) / base:.2f}x as fast"
+        )
+
+
+if __name__ == "__main__":
+    main()
