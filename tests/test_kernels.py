@@ -215,6 +215,35 @@ def test_gelu_backward_and_value_matches_float64_and_its_special_values() -> Non
     torch.testing.assert_close(value, F.gelu(half))
 
 
+@needs_kernels
+@pytest.mark.parametrize("width", [12, 24, 384])
+def test_layer_norm_for_a_bf16_linear_is_rounded_as_it_is_written(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast on a CPU with bf16 products, `LayerNorm.for_linear` is the fp32 norm rounded to bf16
+    (the kernel at any width); elsewhere, with a hook, or where a gradient is recorded, the norm's own output."""
+    norm = tnt_layers.LayerNorm(width)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(37, 16, width) * 3 + 1
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = norm.for_linear(x)
+        expected = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert expected.dtype == torch.float32
+    # within one bf16 step: the fp32 values can differ in their last bits (the order of a row's sums)
+    torch.testing.assert_close(out, expected.bfloat16(), atol=1e-30, rtol=2**-7)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert norm.for_linear(x).dtype == torch.float32  # gradients recorded
+    with torch.no_grad():
+        assert norm.for_linear(x).dtype == torch.float32  # no autocast
+        with torch.autocast("cpu", torch.bfloat16):
+            norm.register_forward_hook(lambda *args: None)
+            assert norm.for_linear(x).dtype == torch.float32
+            monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: False)
+            assert tnt_layers.LayerNorm(width).for_linear(x).dtype == torch.float32
+
+
 def attention_calls(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Run the model and return the sequence length of every attention call that took the kernel."""
     taken: list[int] = []

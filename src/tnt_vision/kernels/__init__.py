@@ -142,11 +142,12 @@ def native_layer_norm(
 
 
 def narrow_layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, bf16_output: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The compiled LayerNorm over x's last dimension (output, mean, 1/std); call where it applies."""
+    """The compiled LayerNorm over x's last dimension (output, mean, 1/std); call where it applies. With
+    `bf16_output` the output is rounded to bf16 as it is written (what a bf16 linear layer after it takes)."""
     with torch.profiler.record_function("tnt_vision::layer_norm"):
-        return _kernels().layer_norm(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
+        return _kernels().layer_norm(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, bf16_output)
 
 
 def native_layer_norm_backward(
@@ -171,12 +172,16 @@ def native_layer_norm_backward(
 
 
 def narrow_layer_norm_applies(
-    x: torch.Tensor, shape: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None
+    x: torch.Tensor,
+    shape: list[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    widest: float = MAX_NARROW_ROW,
 ) -> bool:
-    """Whether the compiled LayerNorm takes this call: rows of at most MAX_NARROW_ROW fp32 values on the CPU, with
+    """Whether the compiled LayerNorm takes this call: rows of at most `widest` fp32 values on the CPU, with
     weight and bias, where no gradient is recorded (inference, and inside the lean functions of `emulated_bf16`,
     which keep the statistics it returns for `native_layer_norm_backward`), outside graph capture."""
-    if len(shape) != 1 or shape[0] > MAX_NARROW_ROW or weight is None or bias is None:
+    if len(shape) != 1 or shape[0] > widest or weight is None or bias is None:
         return False
     if not all(cpu_fp32(t) for t in (x, weight, bias)) or grad_recorded((x, weight, bias)):
         return False

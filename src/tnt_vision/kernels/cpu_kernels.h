@@ -14,9 +14,10 @@ namespace tnt_vision {
 at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale);
 at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, int64_t heads, double scale);
 
-// rows.cpp: LayerNorm over the last dimension, returning (output, mean, 1/std) as aten::native_layer_norm does.
+// rows.cpp: LayerNorm over the last dimension, returning (output, mean, 1/std) as aten::native_layer_norm does;
+// the output in fp32 or, with bf16_output, rounded to bf16 (what a bf16 linear layer after it takes).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
-                                                          const at::Tensor& bias, double eps);
+                                                          const at::Tensor& bias, double eps, bool bf16_output);
 // rows.cpp: LayerNorm's backward from its output's gradient, input, mean and 1/std: the gradients of the input,
 // the weight and the bias (rows of at most 64 values).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,

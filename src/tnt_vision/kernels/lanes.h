@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include <c10/util/BFloat16.h>
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -54,6 +56,21 @@ inline void store(float* p, Lanes v, int64_t n = kLanes) {
 #else
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 #endif
+}
+
+// The first n values of v rounded to bf16 and stored at p: to nearest, ties to even, NaN as a quiet NaN, as
+// c10::BFloat16 rounds a float.
+inline void store(c10::BFloat16* p, Lanes v, int64_t n = kLanes) {
+  using Bits [[gnu::vector_size(kLanes * sizeof(uint32_t))]] = uint32_t;
+  using Halves [[gnu::vector_size(kLanes * sizeof(uint16_t))]] = uint16_t;
+  const Bits bits = std::bit_cast<Bits>(v);
+  const Bits rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const Halves halves = __builtin_convertvector(v == v ? rounded : Bits{} + 0x7fc0u, Halves);
+  if (n == kLanes) {
+    std::memcpy(p, &halves, sizeof halves);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) std::memcpy(p + i, &halves[i], sizeof(uint16_t));
 }
 
 inline float sum_lanes(Lanes v) {

@@ -93,36 +93,42 @@ inline Normal normal(Lanes x) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
-                                                          const at::Tensor& bias, double eps) {
+                                                          const at::Tensor& bias, double eps, bool bf16_output) {
   check_input(x, "layer norm");
   check_input(weight, "layer norm weight");
   check_input(bias, "layer norm bias");
   const int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
   TORCH_CHECK(weight.numel() == n && bias.numel() == n, "layer norm: weight and bias must have ", n, " values");
-  auto out = at::empty_like(x);
+  auto out = at::empty_like(x, bf16_output ? at::kBFloat16 : at::kFloat);
   auto shape = x.sizes().vec();
   shape.back() = 1;
   auto mean = at::empty(shape, x.options()), rstd = at::empty(shape, x.options());
   const float *src = x.data_ptr<float>(), *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
-  float *dst = out.data_ptr<float>(), *means = mean.data_ptr<float>(), *rstds = rstd.data_ptr<float>();
+  float *means = mean.data_ptr<float>(), *rstds = rstd.data_ptr<float>();
   const float inv_n = 1.0f / static_cast<float>(n), epsilon = static_cast<float>(eps);
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = src + r * n;
-      // Two passes, mean then the centred squares (the row is in L1): no cancellation in the variance.
-      const float mu = row_sum(n, [&](int64_t c, auto k) { return load(row + c, k); }) * inv_n;
-      const float var = row_sum(n, [&](int64_t c, auto k) {
-        const Lanes d = only_first(k, load(row + c, k) - mu);
-        return d * d;
-      });
-      const float rs = 1.0f / std::sqrt(var * inv_n + epsilon);
-      for_each_chunk(n, [&](int64_t c, auto k) {
-        store(dst + r * n + c, (load(row + c, k) - mu) * rs * load(w + c, k) + load(b + c, k), k);
-      });
-      means[r] = mu;
-      rstds[r] = rs;
-    }
-  });
+  const auto normalize = [&](auto* dst) {
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* row = src + r * n;
+        // Two passes, mean then the centred squares (the row is in L1): no cancellation in the variance.
+        const float mu = row_sum(n, [&](int64_t c, auto k) { return load(row + c, k); }) * inv_n;
+        const float var = row_sum(n, [&](int64_t c, auto k) {
+          const Lanes d = only_first(k, load(row + c, k) - mu);
+          return d * d;
+        });
+        const float rs = 1.0f / std::sqrt(var * inv_n + epsilon);
+        for_each_chunk(n, [&](int64_t c, auto k) {
+          store(dst + r * n + c, (load(row + c, k) - mu) * rs * load(w + c, k) + load(b + c, k), k);
+        });
+        means[r] = mu;
+        rstds[r] = rs;
+      }
+    });
+  };
+  if (bf16_output)
+    normalize(out.data_ptr<at::BFloat16>());
+  else
+    normalize(out.data_ptr<float>());
   return {out, mean, rstd};
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Iterator
 
 import torch
@@ -28,6 +29,7 @@ from ..kernels.emulated_bf16 import (
     emulating_bf16,
     fused_linear,
     fused_mlp,
+    native_bf16_autocast,
 )
 from ..kernels.inner_block import fused_block, inner_block_applies, inner_block_fits
 from ..kernels.onednn import onednn_applies
@@ -84,6 +86,17 @@ class LayerNorm(nn.LayerNorm):
         if fused_attention_enabled() and narrow_layer_norm_applies(x, shape, self.weight, self.bias):
             return narrow_layer_norm(x, self.weight, self.bias, self.eps)[0]
         return super().forward(x)
+
+    def for_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm's output for the linear layer after it. Under bf16 autocast on a CPU with bf16 products
+        (inference, no hook on the norm) the kernel rounds it to bf16 as it writes it, rows of any width: the
+        linear layer would round autocast's fp32 LayerNorm output to bf16 in another pass."""
+        hooked = self._forward_hooks or self._forward_pre_hooks
+        if hooked or not (fused_attention_enabled() and native_bf16_autocast(x)):
+            return self(x)
+        if not narrow_layer_norm_applies(x, list(self.normalized_shape), self.weight, self.bias, widest=math.inf):
+            return self(x)
+        return narrow_layer_norm(x, self.weight, self.bias, self.eps, bf16_output=True)[0]
 
 
 class Attention(nn.Module):
@@ -315,8 +328,8 @@ class TransformerBlock(nn.Module):
     def onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
         """`plain_forward` in inference with the bias, the GELU and both residual additions done by oneDNN."""
         attn, mlp = self.attn, self.mlp
-        x = onednn.linear_add(attn.mix(attn.qkv(self.norm1(x))), attn.proj.weight, attn.proj.bias, x)
-        hidden = onednn.linear(self.norm2(x), mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+        x = onednn.linear_add(attn.mix(attn.qkv(self.norm1.for_linear(x))), attn.proj.weight, attn.proj.bias, x)
+        hidden = onednn.linear(self.norm2.for_linear(x), mlp.fc1.weight, mlp.fc1.bias, gelu=True)
         return onednn.linear_add(hidden, mlp.fc2.weight, mlp.fc2.bias, x)
 
     def add_mlp(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -173,12 +173,13 @@ class SentenceProjection(nn.Module):
 
     def forward(self, words: torch.Tensor, batch: int) -> torch.Tensor:
         if self.legacy:
-            return self.norm2(self.proj(self.norm1(words).reshape(batch, -1, words.shape[1] * words.shape[2])))
+            normed = self.norm1.for_linear(words).reshape(batch, -1, words.shape[1] * words.shape[2])
+            return self.norm2(self.proj(normed))
         x = words.reshape(batch, -1, words.shape[1] * words.shape[2])  # (B, N, m*c)
         lean, low = lean_path(self, x)
         if lean:  # the norm's output is not kept for backward (kernels.emulated_bf16)
             return self.norm2(fused_linear(x, self.proj, low, norm=self.norm1))
-        return self.norm2(self.proj(self.norm1(x)))  # (B, N, d)
+        return self.norm2(self.proj(self.norm1.for_linear(x)))  # (B, N, d)
 
 
 class TNTBlock(nn.Module):
