@@ -7,8 +7,8 @@ process.
 Three contenders alternate (`bench.interleaved_times`: a warm-up call each, order rotated every round), all under
 `torch.autocast("cpu", torch.bfloat16)`: tnt-vision as it is; tnt-vision as it was before its bf16 path (the
 words' attention by `scaled_dot_product_attention` in bf16, autocast's `F.linear` and GELU instead of oneDNN's
-linear layers, LayerNorm outputs in fp32 then cast, micro-batches of the fp32 size); timm's TNT with the same
-configuration. Medians and the spread
+linear layers, LayerNorm outputs in fp32 then cast, micro-batches of the fp32 size, SDPA for the sentences'
+attention in training); timm's TNT with the same configuration. Medians and the spread
 (lowest, highest) are printed with the batch, threads and machine.
 """
 
@@ -57,6 +57,7 @@ def previous_bf16_path() -> Iterator[None]:
         stack.enter_context(mock.patch.object(tnt_layers, "word_attention_applies", fp32_word_attention_only))
         stack.enter_context(mock.patch.object(tnt_layers, "onednn_applies", onednn_without_autocast))
         stack.enter_context(mock.patch.object(tnt_layers, "native_bf16_autocast", never))  # LayerNorm.for_linear
+        stack.enter_context(mock.patch.object(tnt_layers, "bf16_training_on_cpu", never))  # SDPA in training
         stack.enter_context(mock.patch.object(tnt, "BF16_BLOCK_BYTES", tnt.CACHE_BLOCK_BYTES))
         yield
 

@@ -293,6 +293,33 @@ def test_explicit_path_computes_every_attention_through_attention_map(monkeypatc
     assert not torch.allclose(reference, zeroed)
 
 
+def test_bf16_training_on_a_cpu_with_bf16_products_attends_by_explicit_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """There `scaled_dot_product_attention`'s backward is slow: the sentences' attention takes explicit products
+    (the words' the kernel), with SDPA's results; inference and CPUs without bf16 products keep SDPA."""
+    attention = randomized(Attention(64, 2)).train()
+    x = torch.randn(3, 70, 64, requires_grad=True)  # more tokens than the word kernel takes
+    calls: list[int] = []
+    original = Attention.attention_map
+    monkeypatch.setattr(Attention, "attention_map", lambda *a: calls.append(1) or original(*a))
+    results = []
+    for hardware in (True, False):
+        monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda hardware=hardware: hardware)
+        monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)  # autocast's own bf16 products either way
+        x.grad = None
+        out, grads = forward_backward(attention, x, torch.bfloat16)
+        results.append((out, grads, x.grad.clone()))
+        assert calls == [1]  # the explicit products once, with bf16 products only
+    (explicit, explicit_grads, explicit_input_grad), (sdpa, sdpa_grads, sdpa_input_grad) = results
+    assert_close_with_gradients(attention, (explicit, explicit_grads), (sdpa, sdpa_grads), TOLERANCE[torch.bfloat16])
+    assert (explicit_input_grad - sdpa_input_grad).abs().max() <= 3e-2 * sdpa_input_grad.abs().max()
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        attention(x)
+    assert calls == [1]
+
+
 def test_default_path_does_not_call_attention_map(monkeypatch: pytest.MonkeyPatch) -> None:
     model = create_model("tnt_ti_patch16_224", **TINY).eval()
     monkeypatch.setattr(Attention, "attention_map", lambda *a: pytest.fail("fused path used attention_map"))
