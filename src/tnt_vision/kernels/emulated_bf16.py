@@ -16,7 +16,8 @@ its bf16 q/k/v (the fp32 attention is recomputed). The linear and MLP functions 
 without rounding (`low=None`).
 
 Where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, and with
-`TNT_VISION_CPU_KERNELS=0`, nothing here applies.
+`TNT_VISION_CPU_KERNELS=0`, nothing here applies; there `native_bf16_autocast` tells the fast paths made for
+autocast's own bf16 products (oneDNN's bf16 linear layers, bf16 LayerNorm outputs, larger micro-batches) to act.
 """
 
 from __future__ import annotations

@@ -333,7 +333,8 @@ class TransformerBlock(nn.Module):
         return self.mlp.fusable() and onednn_path(self, x)
 
     def onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`plain_forward` in inference with the bias, the GELU and both residual additions done by oneDNN."""
+        """`plain_forward` in inference with the bias, the GELU and (in fp32) both residual additions done by
+        oneDNN; under bf16 autocast the norms write bf16 for the layers after them (`LayerNorm.for_linear`)."""
         attn, mlp = self.attn, self.mlp
         x = onednn.linear_add(attn.mix(attn.qkv(self.norm1.for_linear(x))), attn.proj.weight, attn.proj.bias, x)
         hidden = onednn.linear(self.norm2.for_linear(x), mlp.fc1.weight, mlp.fc1.bias, gelu=True)
