@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true")
     args = parser.parse_args()
     threads = set_threads(args.threads)
-    if not emulated_bf16.native_bf16():
+    if not emulated_bf16.bf16_hardware():
         raise SystemExit("this CPU has no bf16 products: bf16 autocast takes the emulated path (rows_ab.py)")
     cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train, dtype="bf16")
     make_step = train_step if args.train else inference_step

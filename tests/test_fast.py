@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from helpers import forward_backward, randomize_
+from tnt_vision import kernels
 from tnt_vision.bench import (
     BenchConfig,
     baseline_memory_mib,
@@ -29,7 +30,7 @@ from tnt_vision.bench import (
 )
 from tnt_vision.cli import main
 from tnt_vision.kernels import emulated_bf16, onednn
-from tnt_vision.models import create_model
+from tnt_vision.models import create_model, layers, tnt
 from tnt_vision.models.layers import Attention, Mlp, TransformerBlock, fused_attention, lean_path
 
 TINY = {"depth": 2, "img_size": 32, "num_classes": 10}
@@ -509,6 +510,28 @@ def benchmark_module(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`benchmarks/bf16_ab.py`'s "previous" contender: no bf16 word kernel, oneDNN, bf16 norms, explicit
+    attention or larger micro-batches under bf16 autocast; fp32 as it is."""
+    ab = benchmark_module("bf16_ab")
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    qkv, x = torch.randn(2, 16, 72).bfloat16(), torch.randn(2, 16, 24, requires_grad=True)
+
+    def bf16_pieces() -> list[bool]:
+        with torch.autocast("cpu", torch.bfloat16):
+            with torch.no_grad():
+                pieces = [layers.word_attention_applies(qkv, 16, 6), layers.onednn_applies(x)]
+                pieces += [layers.native_bf16_autocast(x), tnt.BF16_BLOCK_BYTES > tnt.CACHE_BLOCK_BYTES]
+            return [*pieces, layers.bf16_training_on_cpu(x)]
+
+    expected = [kernels.kernels_available(), onednn.available(), True, True, True]
+    assert bf16_pieces() == expected
+    with ab.previous_bf16_path():
+        assert bf16_pieces() == [False] * 5
+        assert layers.word_attention_applies(qkv.float(), 16, 6) == kernels.kernels_available()
+    assert bf16_pieces() == expected
 
 
 def test_the_fused_inner_block_keeps_only_its_input_for_backward() -> None:
