@@ -106,7 +106,8 @@ def randomized(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_bf16_emulation_matches_native_autocast_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forced on (whatever this CPU has), the fp32-GEMM route gives autocast's results, forward and backward."""
+    """Forced on (whatever this CPU has), the fp32-GEMM route gives autocast's results, forward and backward; so do
+    the same lean functions with bf16 GEMMs, which training takes where the CPU multiplies bf16."""
     model = create_model("tnt_s_patch16_224", **TINY).train()
     x = torch.randn(2, 3, 32, 32)
     calls: Counter[str] = Counter()
@@ -123,9 +124,15 @@ def test_bf16_emulation_matches_native_autocast_model(monkeypatch: pytest.Monkey
     # per block (2): inner and outer q/k/v, the word projection; the sentence embedding; the head
     assert calls == {"fused_linear": 2 * 3 + 2, "fused_mlp": 2 * 2, "attention_projection_bf16": 2 * 2}
     monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: False)  # bf16 arithmetic autocast alone knows
     native = forward_backward(model, x, torch.bfloat16)
-    assert sum(calls.values()) == 8 + 4 + 4  # not used where the CPU has bf16 arithmetic
+    assert sum(calls.values()) == 8 + 4 + 4  # not used
     assert_close_with_gradients(model, emulated, native, TOLERANCE[torch.bfloat16])
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)  # x86 with bf16 products: bf16 GEMMs
+    lean = forward_backward(model, x, torch.bfloat16)
+    # the lean functions of the blocks and the sentence embedding; the head and the attention as autocast's
+    assert calls == {"fused_linear": 8 + 2 * 3 + 1, "fused_mlp": 4 + 2 * 2, "attention_projection_bf16": 4}
+    assert_close_with_gradients(model, lean, native, TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.parametrize("part", ["mlp", "word_attention", "attention", "block"])
@@ -440,8 +447,11 @@ def test_lean_path_steps_aside_where_it_would_change_behaviour() -> None:
     assert lean(Mlp(8, 32, drop=0.1).eval(), x)
     with torch.no_grad():
         assert not lean(Mlp(8, 32), x)
-    with torch.autocast("cpu", torch.bfloat16):
-        assert not lean(Mlp(8, 32), x) or not emulated_bf16.native_bf16()
+    with torch.autocast("cpu", torch.bfloat16):  # lean unless autocast's own bf16 products are all there is
+        expected = not emulated_bf16.native_bf16() or emulated_bf16.bf16_hardware()
+        assert lean(Mlp(8, 32), x) == expected
+        with torch.no_grad():  # inference: lean under emulation only
+            assert lean(Mlp(8, 32), x) == (not emulated_bf16.native_bf16())
     with fused_attention(False):
         assert not lean(Mlp(8, 32), x)
     frozen = Mlp(8, 32).requires_grad_(False)

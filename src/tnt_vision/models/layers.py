@@ -207,12 +207,14 @@ class Mlp(nn.Module):
 
 def lean_path(module: nn.Module, x: torch.Tensor) -> tuple[bool, torch.dtype | None]:
     """Whether `module` may run the fused functions of `kernels.emulated_bf16`, which keep less for backward,
-    and their `low` dtype: BF16 under emulated bf16 autocast, None in training without autocast.
+    and their `low` dtype: BF16 under emulated bf16 autocast and in training under native bf16 autocast (there
+    the products are bf16 ones), None in training without autocast.
 
     Not in the explicit path, not while a graph is captured, and not where a part of `module` has a hook (the
     fused functions do not call the parts). The cheap tests first: fp32 inference never scans for hooks.
     """
-    low = BF16 if emulating_bf16(x) else None
+    native_training = native_bf16_autocast(x) and _needs_grad(module, x)
+    low = BF16 if emulating_bf16(x) or native_training else None
     if low is None and not records_grad(module, x):
         return False, None
     if not fused_attention_enabled() or capturing_graph() or parts_hooked(module):
