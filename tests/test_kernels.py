@@ -86,9 +86,11 @@ def test_word_attention_over_bf16_is_the_fp32_kernel_rounded(words: int, heads: 
     out.backward(grad)
     expected.backward(grad.float())
     assert out.dtype == qkv.grad.dtype == torch.bfloat16
-    one_ulp = {"atol": 1e-30, "rtol": 2**-8}  # the same fp32 values rounded, up to the order of their additions
-    torch.testing.assert_close(out, expected.bfloat16(), **one_ulp)
-    torch.testing.assert_close(qkv.grad, wide.grad.bfloat16(), **one_ulp)
+    # one bf16 step at most (2^-7 relative at the bottom of a binade): the same fp32 values rounded, up to the order
+    # of their additions in the two compiled versions
+    one_step = {"atol": 1e-30, "rtol": 2**-7}
+    torch.testing.assert_close(out, expected.bfloat16(), **one_step)
+    torch.testing.assert_close(qkv.grad, wide.grad.bfloat16(), **one_step)
     assert error(out, reference_attention(qkv, heads)) <= 2**-8 * reference_attention(qkv, heads).abs().max()
 
 
