@@ -133,12 +133,19 @@ MAX_NARROW_ROW = 64
 
 
 def native_layer_norm(
-    x: torch.Tensor, shape: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    shape: list[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    bf16_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`torch.native_layer_norm` (output, mean, 1/std), by the compiled kernel where it applies."""
+    """`torch.native_layer_norm` (output, mean, 1/std), by the compiled kernel where it applies. With `bf16_output`
+    the output is rounded to bf16 (by the kernel as it writes it, where it applies)."""
     if weight is not None and bias is not None and narrow_layer_norm_applies(x, shape, weight, bias):
-        return narrow_layer_norm(x, weight, bias, eps)
-    return torch.native_layer_norm(x, shape, weight, bias, eps)
+        return narrow_layer_norm(x, weight, bias, eps, bf16_output)
+    out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+    return out.to(torch.bfloat16) if bf16_output else out, mean, rstd
 
 
 def narrow_layer_norm(

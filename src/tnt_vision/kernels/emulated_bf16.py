@@ -187,9 +187,9 @@ def _normalised(
     norm_params: tuple[torch.Tensor | None, ...],
     low: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm(x) computed like autocast's (in fp32) and rounded to `low`, with its mean and 1/std."""
-    out, mean, rstd = native_layer_norm(_widened(x, low), norm[0], *norm_params, norm[1])
-    return _lowered(out, low), mean, rstd
+    """LayerNorm(x) computed like autocast's (in fp32) and rounded to `low` (bf16) as it is written, with its mean
+    and 1/std."""
+    return native_layer_norm(_widened(x, low), norm[0], *norm_params, norm[1], bf16_output=low is not None)
 
 
 def _first_input_grads(

@@ -180,7 +180,7 @@ def bf16_training_on_cpu(q: torch.Tensor) -> bool:
     """Training under bf16 autocast on a CPU with bf16 products, where `scaled_dot_product_attention`'s backward is
     slower than explicit products: TNT-S's outer attention (batch 32, 6 heads, 197 tokens of 64), forward and
     backward, 66 ms against 27 (Intel Xeon with AMX, 2 threads; in fp32 the two are even)."""
-    return q.requires_grad and torch.is_grad_enabled() and native_bf16_autocast(q)
+    return grad_recorded((q,)) and native_bf16_autocast(q)
 
 
 class Mlp(nn.Module):
