@@ -6,7 +6,8 @@ process.
 
 Three contenders alternate (`bench.interleaved_times`: a warm-up call each, order rotated every round), all under
 `torch.autocast("cpu", torch.bfloat16)`: tnt-vision as it is; tnt-vision as it was before its bf16 path (the
-words' attention by `scaled_dot_product_attention` in bf16, autocast's `F.linear` and GELU instead of oneDNN's
+words' attention by `scaled_dot_product_attention` in bf16, ATen's GELU and its backward in the lean MLP's backward
+pass instead of the fused kernel, autocast's `F.linear` and GELU instead of oneDNN's
 linear layers, LayerNorm outputs in fp32 then cast, micro-batches of the fp32 size, SDPA for the sentences'
 attention in training); timm's TNT with the same configuration. Medians and the spread
 (lowest, highest) are printed with the batch, threads and machine.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
@@ -43,6 +44,11 @@ def fp32_word_attention_only(qkv: torch.Tensor, tokens: int, head_dim: int) -> b
     return qkv.dtype == torch.float32 and kernels.word_attention_applies(qkv, tokens, head_dim)
 
 
+def fp32_gelu_only(x: torch.Tensor, applies: Callable[[torch.Tensor], bool] = kernels.gelu_applies) -> bool:
+    """The GELU kernel's test before it took bf16."""
+    return x.dtype == torch.float32 and applies(x)
+
+
 def never(x: torch.Tensor) -> bool:
     return False
 
@@ -55,6 +61,7 @@ def onednn_without_autocast(x: torch.Tensor) -> bool:
 def previous_bf16_path() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(tnt_layers, "word_attention_applies", fp32_word_attention_only))
+        stack.enter_context(mock.patch.object(kernels, "gelu_applies", fp32_gelu_only))
         stack.enter_context(mock.patch.object(tnt_layers, "onednn_applies", onednn_without_autocast))
         stack.enter_context(mock.patch.object(tnt_layers, "native_bf16_autocast", never))  # LayerNorm.for_linear
         stack.enter_context(mock.patch.object(tnt_layers, "bf16_training_on_cpu", never))  # SDPA in training

@@ -524,7 +524,7 @@ def benchmark_module(name: str) -> ModuleType:
 
 
 def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`benchmarks/bf16_ab.py`'s "previous" contender: no bf16 word kernel, oneDNN, bf16 norms, explicit
+    """`benchmarks/bf16_ab.py`'s "previous" contender: no bf16 word or GELU kernel, oneDNN, bf16 norms, explicit
     attention or larger micro-batches under bf16 autocast; fp32 as it is."""
     ab = benchmark_module("bf16_ab")
     monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
@@ -534,14 +534,17 @@ def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.Mon
         with torch.autocast("cpu", torch.bfloat16):
             with torch.no_grad():
                 pieces = [layers.word_attention_applies(qkv, 16, 6), layers.onednn_applies(x)]
+                pieces += [kernels.gelu_applies(qkv)]
                 pieces += [layers.native_bf16_autocast(x), tnt.BF16_BLOCK_BYTES > tnt.CACHE_BLOCK_BYTES]
             return [*pieces, layers.bf16_training_on_cpu(x)]
 
-    expected = [kernels.kernels_available(), onednn.available(), True, True, True]
+    available = kernels.kernels_available()
+    expected = [available, onednn.available(), available, True, True, True]
     assert bf16_pieces() == expected
     with ab.previous_bf16_path():
-        assert bf16_pieces() == [False] * 5
-        assert layers.word_attention_applies(qkv.float(), 16, 6) == kernels.kernels_available()
+        assert bf16_pieces() == [False] * 6
+        assert layers.word_attention_applies(qkv.float(), 16, 6) == available
+        assert kernels.gelu_applies(qkv.float()) == available
     assert bf16_pieces() == expected
 
 

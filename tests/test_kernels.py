@@ -41,7 +41,8 @@ def reference_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(P, m, heads * d)
 
 
-# Head widths 6, 8, 10, 12 and 16 are compiled as constants, others not; the kernel takes 8 queries at a time.
+# Head widths 6, 8, 10, 12 and 16 are compiled as constants, others not; the kernel takes 16 queries at a time
+# (AVX-512) or 8 (AVX2): the word counts cover whole blocks, part blocks and both.
 @needs_kernels
 @pytest.mark.parametrize(
     ("words", "heads", "head_dim"),
@@ -210,11 +211,66 @@ def test_gelu_backward_and_value_matches_float64_and_its_special_values() -> Non
     # float64's values: ATen's fp32 GELU gives NaN for +inf in its AVX-512 loop (inf in its AVX2 and scalar ones)
     torch.testing.assert_close(value, F.gelu(special.double()).float(), equal_nan=True)
     torch.testing.assert_close(grad_out, torch.ops.aten.gelu_backward(ones, special), equal_nan=True)
-    half = x.bfloat16()  # other dtypes: ATen's functions, the gradient not overwritten
-    grad_half = grad.bfloat16()
+    half = x.half()  # other dtypes: ATen's functions, the gradient not overwritten
+    grad_half = grad.half()
     grad_out, value = kernels.gelu_backward_and_value(grad_half, half)
     assert grad_out is not grad_half
     torch.testing.assert_close(value, F.gelu(half))
+
+
+@needs_kernels
+def test_gelu_backward_and_value_over_bf16_is_the_fp32_kernel_rounded() -> None:
+    """bf16 (the lean MLP's hidden layer under bf16 autocast): the fp32 computation of the same values, both
+    results rounded to bf16 as they are written, within one bf16 step of ATen's bf16 GELU and its backward."""
+    x = torch.cat([torch.linspace(-14, 14, 4001), torch.randn(999) * 3, torch.tensor([math.nan, math.inf, -math.inf])])
+    x, grad = x.bfloat16(), torch.randn_like(x).bfloat16()
+    grad_out, value = kernels.gelu_backward_and_value(grad.clone(), x)
+    wide_grad, wide_value = kernels.gelu_backward_and_value(grad.float(), x.float())
+    assert grad_out.dtype == value.dtype == torch.bfloat16
+    torch.testing.assert_close(value, wide_value.bfloat16(), atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(grad_out, wide_grad.bfloat16(), atol=0, rtol=0, equal_nan=True)
+    finite = x.isfinite()
+    one_step = {"atol": 1e-6, "rtol": 2**-7}  # ATen's fp32 GELU is 0 below -5.5, this one's tail 2e-7 there
+    torch.testing.assert_close(value[finite], F.gelu(x)[finite], **one_step)
+    torch.testing.assert_close(grad_out[finite], torch.ops.aten.gelu_backward(grad, x)[finite], **one_step)
+
+
+@needs_kernels
+def test_the_8_lane_build_computes_what_the_16_lane_build_does() -> None:
+    """On an AVX-512 CPU the kernels are built with 16 lanes, elsewhere (AVX2) with 8: the 8-lane build, compiled
+    here too (`TNT_VISION_LANES=8`), gives every kernel's results up to the order of additions (bf16 outputs up to
+    one rounding step), over sizes with whole vectors, tails, and both."""
+    native = cpu_kernels()
+    if native.lanes != 16:
+        pytest.skip("the kernels here are built with 8 lanes: every other test runs that build")
+    narrow = kernels.build_cpu_kernels("TNT_VISION_LANES=8")
+    assert narrow.lanes == 8
+    fp32, one_step = {"atol": 1e-5, "rtol": 1e-5}, {"atol": 1e-5, "rtol": 2**-7}
+
+    def same(kernel: str, args: tuple[Any, ...], tolerance: dict[str, float]) -> None:
+        """The kernel's results from both builds, each given its own copies of the tensors (some write in place)."""
+        results = [
+            getattr(module, kernel)(*(a.clone() if torch.is_tensor(a) else a for a in args))
+            for module in (native, narrow)
+        ]
+        for a, b in zip(*(torch.utils._pytree.tree_leaves(r) for r in results), strict=True):
+            torch.testing.assert_close(a, b, **tolerance)
+
+    for dtype, tolerance in ((torch.float32, fp32), (torch.bfloat16, one_step)):
+        for words, heads, head_dim in ((16, 4, 6), (9, 2, 7), (20, 3, 10)):
+            qkv = torch.randn(11, words, 3 * heads * head_dim).to(dtype)
+            grad = torch.randn(11, words, heads * head_dim).to(dtype)
+            same("word_attention_forward", (qkv, heads, 0.4), tolerance)
+            same("word_attention_backward", (grad, qkv, heads, 0.4), tolerance)
+        x = torch.randn(10007).to(dtype)  # parallel chunks of whole vectors, then a tail
+        same("gelu_backward_and_value", (torch.randn_like(x), x), tolerance)
+    for width in (7, 24, 40, 384):
+        x, weight, bias = torch.randn(301, width), torch.randn(width), torch.randn(width)
+        same("layer_norm", (x, weight, bias, 1e-5, False), fp32)
+        same("layer_norm", (x, weight, bias, 1e-5, True), one_step)
+        if width <= kernels.MAX_NARROW_ROW:
+            _, mean, rstd = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
+            same("layer_norm_backward", (torch.randn_like(x), x, mean, rstd, weight), fp32)
 
 
 @needs_kernels

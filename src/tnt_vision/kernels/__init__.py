@@ -43,7 +43,7 @@ def switched_on(switch: str) -> bool:
     return os.environ.get(switch, "1") != "0"
 
 
-def _machine_key() -> str:
+def _machine_key(flags: list[str]) -> str:
     """What the compiled code depends on: the source, flags, torch, and this CPU (`-march=native`)."""
     cpu = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -51,7 +51,7 @@ def _machine_key() -> str:
         lines = cpuinfo.read_text(errors="replace").splitlines()
         cpu += "".join(line for line in lines if line.startswith(("model name", "flags", "Features")))[:4096]
     sources = [(_DIR / name).read_bytes() for name in SOURCES + HEADERS]
-    material = [*sources, " ".join(_CFLAGS).encode(), torch.__version__.encode(), cpu.encode()]
+    material = [*sources, " ".join(flags).encode(), torch.__version__.encode(), cpu.encode()]
     return hashlib.sha256(b"\0".join(material)).hexdigest()[:12]
 
 
@@ -60,18 +60,8 @@ def cpu_kernels() -> ModuleType | None:
     """The compiled module, or None (with one warning) where it cannot be built."""
     if not switched_on(ENV_SWITCH):
         return None
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is not news here
     try:
-        from torch.utils import cpp_extension
-
-        log.info("compiling tnt_vision's CPU kernels (once per machine, about a minute)")
-        return cpp_extension.load(
-            name=f"tnt_vision_cpu_{_machine_key()}",
-            sources=[str(_DIR / name) for name in SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return build_cpu_kernels()
     except Exception as error:  # no compiler, no ninja, an unusual platform: the plain path still works
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         warnings.warn(
@@ -81,6 +71,23 @@ def cpu_kernels() -> ModuleType | None:
             stacklevel=2,
         )
         return None
+
+
+def build_cpu_kernels(*defines: str) -> ModuleType:
+    """Compiles the CPU kernels, or loads this machine's cached build, with extra preprocessor definitions (a
+    benchmark's variant: `TNT_VISION_LANES=8` builds the 8-lane kernels on an AVX-512 CPU)."""
+    from torch.utils import cpp_extension
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is not news here
+    flags = [*_CFLAGS, *(f"-D{define}" for define in defines)]
+    log.info("compiling tnt_vision's CPU kernels (once per machine, about a minute)")
+    return cpp_extension.load(
+        name=f"tnt_vision_cpu_{_machine_key(flags)}",
+        sources=[str(_DIR / name) for name in SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def _kernels() -> ModuleType:
@@ -196,13 +203,20 @@ def narrow_layer_norm_applies(
 
 
 def gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad * gelu'(x), gelu(x)) for the exact GELU, in one pass where the kernel applies (contiguous fp32 CPU
-    tensors of one shape, no gradient recorded), which writes the gradient over `grad`."""
-    fits = grad.shape == x.shape and grad.is_contiguous() and x.is_contiguous() and not grad_recorded((grad, x))
-    if fits and cpu_fp32(grad) and cpu_fp32(x) and not capturing_graph() and kernels_available():
+    """(grad * gelu'(x), gelu(x)) for the exact GELU, in one pass where the kernel applies (`gelu_applies` to both,
+    of one shape and dtype), which writes the gradient over `grad`. bf16 is computed in fp32 and rounded once, as
+    ATen's bf16 GELU is."""
+    if grad.shape == x.shape and grad.dtype == x.dtype and gelu_applies(grad) and gelu_applies(x):
         with torch.profiler.record_function("tnt_vision::gelu_backward_and_value"):
             return grad, _kernels().gelu_backward_and_value(grad, x)
     return torch.ops.aten.gelu_backward(grad, x), torch.nn.functional.gelu(x)
+
+
+def gelu_applies(x: torch.Tensor) -> bool:
+    """Whether the GELU kernels take x: a contiguous fp32 or bf16 CPU tensor, no gradient recorded for it, outside
+    graph capture."""
+    fits = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+    return fits and not grad_recorded((x,)) and not capturing_graph() and kernels_available()
 
 
 def grad_recorded(tensors: Iterable[torch.Tensor]) -> bool:

@@ -1,4 +1,4 @@
-// The CPU kernels' entry points (contiguous fp32 tensors; the word attention's also bf16), bound to Python in
+// The CPU kernels' entry points (contiguous fp32 tensors; the word attention's and GELU's also bf16), bound to Python in
 // cpu_kernels.cpp.
 #pragma once
 
@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    const at::Tensor& weight);
-// rows.cpp: the exact GELU's gradient written over `grad` (grad * gelu'(x)), returning gelu(x).
+// rows.cpp: the exact GELU's gradient written over `grad` (grad * gelu'(x)), returning gelu(x) (fp32 or bf16).
 at::Tensor gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x);
 
 }  // namespace tnt_vision

@@ -1,5 +1,6 @@
-// Eight fp32 values as one (GCC/Clang's vector extension: one AVX2 register), and the elementwise functions the
-// CPU kernels share. Built with -march=native; a CPU with wider or narrower registers splits or joins them.
+// kLanes fp32 values as one vector (GCC/Clang's vector extension): 16, one AVX-512 register, where the CPU has
+// them, else 8, one AVX2 register. Built with -march=native; a CPU with narrower registers splits them. Here too
+// are the elementwise functions the CPU kernels share.
 #pragma once
 
 #include <bit>
@@ -8,15 +9,23 @@
 
 #include <c10/util/BFloat16.h>
 
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+#ifndef TNT_VISION_LANES  // a build may ask for 8 (AVX2's width) on an AVX-512 CPU, to compare
+#ifdef __AVX512F__
+#define TNT_VISION_LANES 16
+#else
+#define TNT_VISION_LANES 8
+#endif
 #endif
 
 namespace tnt_vision {
 
-constexpr int64_t kLanes = 8;
+constexpr int64_t kLanes = TNT_VISION_LANES;
 
-// 8 floats, and 8 int32 for exponent bits and masks.
+// kLanes floats, and kLanes int32 for exponent bits and masks.
 using Lanes [[gnu::vector_size(kLanes * sizeof(float))]] = float;
 using IntLanes [[gnu::vector_size(kLanes * sizeof(int32_t))]] = int32_t;
 
@@ -24,21 +33,27 @@ inline Lanes splat(float value) { return Lanes{} + value; }
 
 // All ones in the first n lanes, zeros in the rest.
 inline IntLanes first_lanes(int64_t n) {
+#if TNT_VISION_LANES == 16
+  constexpr IntLanes kIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
   constexpr IntLanes kIndex = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
   return kIndex < static_cast<int32_t>(n);
 }
 
 // The first n <= kLanes floats at p (the rest zero), and their store: the tails of rows not a multiple of kLanes.
-// A whole vector is one load or store; a tail is one masked load or store where the CPU has them (AVX2), else it
-// goes value by value (memcpy of a run-time size is a library call, and a part-written vector read back whole
-// stalls on store forwarding).
+// A whole vector is one load or store; a tail is one masked load or store where the CPU has them (AVX-512, AVX2),
+// else it goes value by value (memcpy of a run-time size is a library call, and a part-written vector read back
+// whole stalls on store forwarding).
 inline Lanes load(const float* p, int64_t n = kLanes) {
   Lanes v{};
   if (n == kLanes) {
     std::memcpy(&v, p, sizeof v);
     return v;
   }
-#ifdef __AVX2__
+#if TNT_VISION_LANES == 16
+  v = std::bit_cast<Lanes>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p));
+#elif defined(__AVX2__)
   v = std::bit_cast<Lanes>(_mm256_maskload_ps(p, std::bit_cast<__m256i>(first_lanes(n))));
 #else
   for (int64_t i = 0; i < n; ++i) v[i] = p[i];
@@ -51,21 +66,35 @@ inline void store(float* p, Lanes v, int64_t n = kLanes) {
     std::memcpy(p, &v, sizeof v);
     return;
   }
-#ifdef __AVX2__
+#if TNT_VISION_LANES == 16
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), std::bit_cast<__m512>(v));
+#elif defined(__AVX2__)
   _mm256_maskstore_ps(p, std::bit_cast<__m256i>(first_lanes(n)), std::bit_cast<__m256>(v));
 #else
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 #endif
 }
 
+// kLanes bf16 values (their bits), and the fp32 bits they widen to.
+using HalfLanes [[gnu::vector_size(kLanes * sizeof(uint16_t))]] = uint16_t;
+using BitLanes [[gnu::vector_size(kLanes * sizeof(uint32_t))]] = uint32_t;
+
+// The first n bf16 values at p widened to fp32 (exactly: a bf16 is the top half of a float), the rest zero.
+inline Lanes load(const c10::BFloat16* p, int64_t n = kLanes) {
+  HalfLanes halves{};
+  if (n == kLanes)
+    std::memcpy(&halves, p, sizeof halves);
+  else
+    for (int64_t i = 0; i < n; ++i) std::memcpy(&halves[i], p + i, sizeof(uint16_t));
+  return std::bit_cast<Lanes>(__builtin_convertvector(halves, BitLanes) << 16);
+}
+
 // The first n values of v rounded to bf16 and stored at p: to nearest, ties to even, NaN as a quiet NaN, as
 // c10::BFloat16 rounds a float.
 inline void store(c10::BFloat16* p, Lanes v, int64_t n = kLanes) {
-  using Bits [[gnu::vector_size(kLanes * sizeof(uint32_t))]] = uint32_t;
-  using Halves [[gnu::vector_size(kLanes * sizeof(uint16_t))]] = uint16_t;
-  const Bits bits = std::bit_cast<Bits>(v);
-  const Bits rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const Halves halves = __builtin_convertvector(v == v ? rounded : Bits{} + 0x7fc0u, Halves);
+  const BitLanes bits = std::bit_cast<BitLanes>(v);
+  const BitLanes rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const HalfLanes halves = __builtin_convertvector(v == v ? rounded : BitLanes{} + 0x7fc0u, HalfLanes);
   if (n == kLanes) {
     std::memcpy(p, &halves, sizeof halves);
     return;
@@ -74,8 +103,15 @@ inline void store(c10::BFloat16* p, Lanes v, int64_t n = kLanes) {
 }
 
 inline float sum_lanes(Lanes v) {
+  using Octet [[gnu::vector_size(8 * sizeof(float))]] = float;
   using Quad [[gnu::vector_size(4 * sizeof(float))]] = float;
-  Quad q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#if TNT_VISION_LANES == 16
+  const Octet o = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const Octet o = v;
+#endif
+  Quad q = __builtin_shufflevector(o, o, 0, 1, 2, 3) + __builtin_shufflevector(o, o, 4, 5, 6, 7);
   q += __builtin_shufflevector(q, q, 2, 3, 0, 1);
   q += __builtin_shufflevector(q, q, 1, 0, 3, 2);
   return q[0];

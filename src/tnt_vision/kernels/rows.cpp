@@ -1,4 +1,4 @@
-// Row- and element-wise kernels where ATen's general ones leave time on the table (fp32, contiguous):
+// Row- and element-wise kernels where ATen's general ones leave time on the table (contiguous, fp32 unless noted):
 //
 // - LayerNorm over narrow rows (TNT's words: 12 to 40 channels), where ATen's CPU kernel takes about twice as
 //   long as the memory traffic needs: a row here is a few vectors and two horizontal sums. Its backward likewise,
@@ -6,7 +6,8 @@
 //   rounded to bf16, at any row width, for a bf16 linear layer after it (bf16 autocast on bf16 hardware).
 // - The exact GELU's backward fused with its value. A lean MLP keeps only the GELU's input h and needs, in its
 //   backward pass, both gelu(h) (for fc2's weight gradient) and grad * gelu'(h): one pass over h and grad instead
-//   of two (ATen's GELU and GELU-backward each evaluate erf), with Phi and phi from one exponential.
+//   of two (ATen's GELU and GELU-backward each evaluate erf), with Phi and phi from one exponential. fp32, or bf16
+//   (the lean MLP under bf16 autocast): read widened, computed in fp32, both results rounded as they are written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -26,6 +27,23 @@ namespace {
 void check_input(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, what, ": expected a float32 CPU tensor");
   TORCH_CHECK(x.is_contiguous(), what, ": expected a contiguous tensor");
+}
+
+// An elementwise kernel's tensor: contiguous fp32 or bf16 on the CPU (bf16 values computed in fp32, rounded as
+// they are written).
+void check_elementwise(const at::Tensor& x, const char* what) {
+  const bool fits = x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+  TORCH_CHECK(fits, what, ": expected a float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(x.is_contiguous(), what, ": expected a contiguous tensor");
+}
+
+// body(x's data) with its element type: const float* or const at::BFloat16*.
+template <typename F>
+void with_element_type(const at::Tensor& x, F&& body) {
+  if (x.scalar_type() == at::kBFloat16)
+    body(x.data_ptr<at::BFloat16>());
+  else
+    body(x.data_ptr<float>());
 }
 
 // Calls body(c, k) for the vectors of a row of n values: k = kLanes as a compile-time constant for the whole ones
@@ -157,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     float* thread_sums = sums.data() + at::get_thread_num() * 2 * width;
     for (int64_t block = begin; block < end; block += kSumBlock) {
-      alignas(32) float block_sums[2 * kMaxRow] = {};
+      alignas(sizeof(Lanes)) float block_sums[2 * kMaxRow] = {};
       for (int64_t r = block; r < std::min(end, block + kSumBlock); ++r) {
         const float *row = src + r * n, *g_row = g + r * n, mu = means[r], rs = rstds[r];
         const auto x_hat = [&](int64_t c, auto k) { return (load(row + c, k) - mu) * rs; };
@@ -191,17 +209,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
 }
 
 at::Tensor gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x) {
-  check_input(x, "gelu");
-  check_input(grad, "gelu gradient");
-  TORCH_CHECK(grad.sizes() == x.sizes(), "gelu: gradient of shape ", grad.sizes(), " for input ", x.sizes());
+  check_elementwise(x, "gelu");
+  check_elementwise(grad, "gelu gradient");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), "gelu: gradient of shape ",
+              grad.sizes(), " and type ", grad.scalar_type(), " for input ", x.sizes(), " of ", x.scalar_type());
   auto value = at::empty_like(x);
-  const float* src = x.data_ptr<float>();
-  float *g = grad.data_ptr<float>(), *dst = value.data_ptr<float>();
-  for_each_chunk_parallel(x.numel(), [&](int64_t i, auto k) {
-    const Lanes v = load(src + i, k);
-    const Normal n = normal(v);
-    store(dst + i, v * n.cdf, k);
-    store(g + i, load(g + i, k) * (n.cdf + v * n.pdf), k);  // gelu'(x) = Phi(x) + x phi(x)
+  with_element_type(x, [&](auto* src) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(src)>>;
+    T *g = grad.data_ptr<T>(), *dst = value.data_ptr<T>();
+    for_each_chunk_parallel(x.numel(), [&](int64_t i, auto k) {
+      const Lanes v = load(src + i, k);
+      const Normal n = normal(v);
+      store(dst + i, v * n.cdf, k);
+      store(g + i, load(g + i, k) * (n.cdf + v * n.pdf), k);  // gelu'(x) = Phi(x) + x phi(x)
+    });
   });
   return value;
 }

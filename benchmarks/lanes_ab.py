@@ -1,0 +1,115 @@
+"""The CPU kernels with 16-lane vectors (AVX-512) against the same kernels with 8 (AVX2's width), in one process.
+
+    PYTHONPATH=src python benchmarks/lanes_ab.py --model tnt_s_patch16_224 --batch 32 --rounds 7
+    PYTHONPATH=src python benchmarks/lanes_ab.py --batch 32 --rounds 5 --train --dtype bf16
+
+On a CPU with AVX-512 the kernels are built with 16 fp32 values per vector; a second build here takes 8
+(`TNT_VISION_LANES=8`), as they were before. First the operators at TNT-S's sizes (the words' attention forward
+and backward over one batch of 32 images, LayerNorm over 24-channel rows and its backward, GELU's backward and
+value over the MLPs' hidden layers), each result checked against the other build's; then the whole model, the
+8-lane build swapped in for one contender (same weights). `bench.interleaved_times` alternates them (a warm-up
+call each, order rotated every round); medians are printed with the batch, dtype, threads and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from types import ModuleType
+from unittest import mock
+
+import torch
+
+from tnt_vision import kernels
+from tnt_vision.bench import (
+    BenchConfig,
+    cpu_name,
+    inference_step,
+    interleaved_times,
+    make_inputs,
+    set_threads,
+    train_step,
+)
+from tnt_vision.models import create_model
+
+Call = Callable[[ModuleType], object]
+
+
+def operator_calls(dtype: torch.dtype) -> dict[str, Call]:
+    """TNT-S's kernel calls at batch 32 (one micro-batch's worth for the row kernels), taking the module to use."""
+    qkv = torch.randn(6272, 16, 72).to(dtype)
+    grad_out = torch.randn(6272, 16, 24).to(dtype)
+    rows, weight, bias = torch.randn(25088, 24) * 2 + 1, torch.randn(24), torch.randn(24)
+    _, mean, rstd = torch.native_layer_norm(rows, [24], weight, bias, 1e-5)
+    grad_rows = torch.randn_like(rows)
+    hidden = {what: torch.randn(shape).to(dtype) for what, shape in (("inner", (25088, 96)), ("outer", (1576, 1536)))}
+    return {
+        "word attention": lambda m: m.word_attention_forward(qkv, 4, 6**-0.5),
+        "word attention backward": lambda m: m.word_attention_backward(grad_out, qkv, 4, 6**-0.5),
+        "LayerNorm, 24 channels": lambda m: m.layer_norm(rows, weight, bias, 1e-5, False),
+        "LayerNorm backward, 24 channels": lambda m: m.layer_norm_backward(grad_rows, rows, mean, rstd, weight),
+        **{
+            f"GELU backward and value, {what} MLP": lambda m, h=h: m.gelu_backward_and_value(torch.ones_like(h), h)
+            for what, h in hidden.items()
+        },
+    }
+
+
+def median_ms(calls: dict[str, Callable[[torch.Tensor], object]], cfg: BenchConfig, inputs: list) -> dict[str, float]:
+    times = interleaved_times(calls, inputs, cfg)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def operators(builds: dict[str, ModuleType], dtype: torch.dtype, rounds: int) -> None:
+    cfg = BenchConfig(model="operators", runs=rounds, warmup=1)
+    for what, call in operator_calls(dtype).items():
+        results = [call(module) for module in builds.values()]
+        for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in results), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+        steps = {name: (lambda _, m=module, c=call: c(m)) for name, module in builds.items()}
+        ms = median_ms(steps, cfg, [torch.empty(1)])
+        print(f"  {what}: " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
+
+
+def model_step(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
+    cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train, dtype=args.dtype)
+    step = (train_step if args.train else inference_step)(create_model(args.model), cfg)
+
+    def eight_lanes() -> ModuleType:  # a plain function: a Mock would keep every tensor it is called with
+        return builds["8 lanes"]
+
+    def with_8_lanes(x: torch.Tensor) -> object:
+        with mock.patch.object(kernels, "cpu_kernels", eight_lanes):
+            return step(x)
+
+    ms = median_ms({"16 lanes": step, "8 lanes": with_8_lanes}, cfg, make_inputs(cfg, args.batch))
+    what = "training step" if args.train else "inference"
+    print(
+        f"{args.model} {what}, batch {args.batch}, {args.dtype}: 16 lanes {ms['16 lanes']:.0f} ms, 8 lanes "
+        f"{ms['8 lanes']:.0f} ms ({ms['8 lanes'] / ms['16 lanes']:.3f}x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tnt_s_patch16_224")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--train", action="store_true")
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    wide = kernels.cpu_kernels()
+    if wide is None or wide.lanes != 16:
+        raise SystemExit("the kernels here are not built with 16 lanes (no AVX-512 or no compiler): nothing to compare")
+    builds = {"16 lanes": wide, "8 lanes": kernels.build_cpu_kernels("TNT_VISION_LANES=8")}
+    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
+    print(f"operators ({args.dtype} where they take it; the row kernels fp32):")
+    operators(builds, torch.bfloat16 if args.dtype == "bf16" else torch.float32, max(args.rounds, 15))
+    model_step(builds, args)
+
+
+if __name__ == "__main__":
+    main()
