@@ -8,7 +8,9 @@ On a CPU with AVX-512 the kernels are built with 16 fp32 values per vector; a se
 and backward over one batch of 32 images, LayerNorm over 24-channel rows and its backward, GELU's backward and
 value over the MLPs' hidden layers), each result checked against the other build's; then the whole model, the
 8-lane build swapped in for one contender (same weights). `bench.interleaved_times` alternates them (a warm-up
-call each, order rotated every round); medians are printed with the batch, dtype, threads and machine.
+call each, order rotated every round); medians are printed with the batch, dtype, threads and machine, and for the
+model also the median of the rounds' own ratios (a round's two calls run back to back: steadier where the
+machine's speed drifts).
 """
 
 from __future__ import annotations
@@ -56,11 +58,6 @@ def operator_calls(dtype: torch.dtype) -> dict[str, Call]:
     }
 
 
-def median_ms(calls: dict[str, Callable[[torch.Tensor], object]], cfg: BenchConfig, inputs: list) -> dict[str, float]:
-    times = interleaved_times(calls, inputs, cfg)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
 def operators(builds: dict[str, ModuleType], dtype: torch.dtype, rounds: int) -> None:
     cfg = BenchConfig(model="operators", runs=rounds, warmup=1)
     for what, call in operator_calls(dtype).items():
@@ -68,7 +65,7 @@ def operators(builds: dict[str, ModuleType], dtype: torch.dtype, rounds: int) ->
         for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in results), strict=True):
             torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
         steps = {name: (lambda _, m=module, c=call: c(m)) for name, module in builds.items()}
-        ms = median_ms(steps, cfg, [torch.empty(1)])
+        ms = {name: statistics.median(t) * 1e3 for name, t in interleaved_times(steps, [torch.empty(1)], cfg).items()}
         print(f"  {what}: " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
 
 
@@ -83,11 +80,13 @@ def model_step(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
         with mock.patch.object(kernels, "cpu_kernels", eight_lanes):
             return step(x)
 
-    ms = median_ms({"16 lanes": step, "8 lanes": with_8_lanes}, cfg, make_inputs(cfg, args.batch))
+    times = interleaved_times({"16 lanes": step, "8 lanes": with_8_lanes}, make_inputs(cfg, args.batch), cfg)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    paired = statistics.median(a / b for a, b in zip(times["8 lanes"], times["16 lanes"], strict=True))
     what = "training step" if args.train else "inference"
     print(
         f"{args.model} {what}, batch {args.batch}, {args.dtype}: 16 lanes {ms['16 lanes']:.0f} ms, 8 lanes "
-        f"{ms['8 lanes']:.0f} ms ({ms['8 lanes'] / ms['16 lanes']:.3f}x)"
+        f"{ms['8 lanes']:.0f} ms ({ms['8 lanes'] / ms['16 lanes']:.3f}x; median of the rounds' ratios {paired:.3f}x)"
     )
 
 

@@ -145,6 +145,27 @@ def test_narrow_layer_norm_and_its_backward_match_float64(width: int, monkeypatc
         assert error(g_ours, g_expected) <= max(1e-5, 2 * error(g_aten, g_expected))
 
 
+@needs_kernels
+@pytest.mark.parametrize("width", [24, 100, 384])
+def test_layer_norm_backward_takes_any_width_and_a_bf16_gradient(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward kernel over rows of any width (the outer norms' 384), from an fp32 gradient or a bf16 one (a bf16
+    linear layer's, read as it is): as accurate as ATen's from the widened gradient, against float64."""
+    x = torch.randn(5, 67, width, dtype=torch.float64) * 3 + 1
+    weight, bias = torch.randn(width, dtype=torch.float64), torch.randn(width, dtype=torch.float64)
+    x32, w32, b32 = x.float(), weight.float(), bias.float()
+    _, mean, rstd = torch.native_layer_norm(x32, [width], w32, b32, 1e-5)
+    aten_backward = torch.ops.aten.native_layer_norm_backward
+    for grad in (torch.randn_like(x32), torch.randn_like(x32).bfloat16()):
+        exact = aten_backward(grad.double(), x, [width], mean.double(), rstd.double(), weight, bias, [True] * 3)
+        with kernel_calls(monkeypatch) as calls:
+            ours = kernels.native_layer_norm_backward(grad, x32, [width], mean, rstd, w32, b32, [True] * 3)
+        assert calls == [1]
+        aten = aten_backward(grad.float(), x32, [width], mean, rstd, w32, b32, [True] * 3)
+        for g_ours, g_aten, g_exact in zip(ours, aten, exact, strict=True):
+            assert g_ours.dtype == torch.float32
+            assert error(g_ours, g_exact) <= max(1e-5, 2 * error(g_aten, g_exact))
+
+
 @contextlib.contextmanager
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """A list that gains an entry for each call into the compiled module while the context is open."""
@@ -184,7 +205,7 @@ def test_narrow_layer_norm_keeps_nan_to_its_row_and_leaves_other_calls_to_aten(m
     assert grads[1].grad_fn is not None
     assert calls == []
     for call in (
-        (torch.randn(4, 65), [65], torch.randn(65), torch.randn(65)),  # wide rows: ATen is as fast
+        (torch.randn(4, 65), [65], torch.randn(65), torch.randn(65)),  # wide rows: ATen's forward is as fast
         (torch.randn(4, 24, requires_grad=True), [24], torch.randn(24), torch.randn(24)),  # autograd: ATen's
         (torch.randn(4, 24, dtype=torch.float64), [24], torch.randn(24).double(), torch.randn(24).double()),
         (torch.randn(4, 24), [24], None, None),
@@ -268,9 +289,9 @@ def test_the_8_lane_build_computes_what_the_16_lane_build_does() -> None:
         x, weight, bias = torch.randn(301, width), torch.randn(width), torch.randn(width)
         same("layer_norm", (x, weight, bias, 1e-5, False), fp32)
         same("layer_norm", (x, weight, bias, 1e-5, True), one_step)
-        if width <= kernels.MAX_NARROW_ROW:
-            _, mean, rstd = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
-            same("layer_norm_backward", (torch.randn_like(x), x, mean, rstd, weight), fp32)
+        _, mean, rstd = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
+        same("layer_norm_backward", (torch.randn_like(x), x, mean, rstd, weight), fp32)
+        same("layer_norm_backward", (torch.randn_like(x).bfloat16(), x, mean, rstd, weight), fp32)
 
 
 @needs_kernels

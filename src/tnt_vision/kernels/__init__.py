@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import warnings
@@ -132,10 +133,12 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
 _word_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-# LayerNorm rows at most this wide take the compiled kernels; over wide rows ATen's are as fast. On the AVX2
-# development machine (calls from Python, 2 threads, medians), forward over 25088 rows of 24 channels 0.55 against
-# 0.87 ms, 50176 rows of 12 1.38 against 2.19, 15680 of 40 0.45 against 0.60; backward 0.54 against 0.75, 1.62
-# against 2.84, 0.84 against 0.84. Over 1576 rows of 384, ATen's forward 0.19 ms against the kernel's 0.20.
+# LayerNorm rows at most this wide take the compiled forward kernel with an fp32 output; over wide rows ATen's is as
+# fast. On the AVX2 development machine (calls from Python, 2 threads, medians), forward over 25088 rows of 24
+# channels 0.55 against 0.87 ms, 50176 rows of 12 1.38 against 2.19, 15680 of 40 0.45 against 0.60; backward 0.54
+# against 0.75, 1.62 against 2.84, 0.84 against 0.84. Over 1576 rows of 384, ATen's forward 0.19 ms against the
+# kernel's 0.20. The backward kernel takes rows of any width: on the AVX-512 machine over 6304 rows of 384, 1.03
+# against ATen's 1.45 ms (fp32 gradient), 1.29 against 2.02 (bf16 gradient, ATen's after a widening copy).
 MAX_NARROW_ROW = 64
 
 
@@ -148,8 +151,9 @@ def native_layer_norm(
     bf16_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`torch.native_layer_norm` (output, mean, 1/std), by the compiled kernel where it applies. With `bf16_output`
-    the output is rounded to bf16 (by the kernel as it writes it, where it applies)."""
-    if weight is not None and bias is not None and narrow_layer_norm_applies(x, shape, weight, bias):
+    the output is rounded to bf16, by the kernel as it writes it at any row width (else in a second pass)."""
+    widest = math.inf if bf16_output else MAX_NARROW_ROW
+    if weight is not None and bias is not None and narrow_layer_norm_applies(x, shape, weight, bias, widest):
         return narrow_layer_norm(x, weight, bias, eps, bf16_output)
     out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
     return out.to(torch.bfloat16) if bf16_output else out, mean, rstd
@@ -175,13 +179,15 @@ def native_layer_norm_backward(
     needs: list[bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """`aten::native_layer_norm_backward` (the gradients of x, weight and bias, None where `needs` says no), by the
-    compiled kernel where the forward's applies (and grad, mean and 1/std are fp32 CPU tensors too)."""
-    statistics = (grad, mean, rstd)
-    fits = all(cpu_fp32(t) for t in statistics) and not grad_recorded(statistics)
-    if fits and weight is not None and bias is not None and narrow_layer_norm_applies(x, shape, weight, bias):
+    compiled kernel for fp32 x at any row width, with an fp32 or bf16 gradient (a bf16 linear layer's, read as it
+    is: no widened copy), where the forward kernel would apply and mean and 1/std are fp32 CPU tensors too."""
+    fits = grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.bfloat16)
+    fits = fits and all(cpu_fp32(t) for t in (mean, rstd)) and not grad_recorded((grad, mean, rstd))
+    if fits and weight is not None and bias is not None and narrow_layer_norm_applies(x, shape, weight, bias, math.inf):
         with torch.profiler.record_function("tnt_vision::layer_norm_backward"):
             grads = _kernels().layer_norm_backward(*(t.contiguous() for t in (grad, x, mean, rstd, weight)))
         return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+    grad = grad.to(x.dtype)
     return tuple(torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, needs))
 
 

@@ -19,7 +19,7 @@ at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
                                                           const at::Tensor& bias, double eps, bool bf16_output);
 // rows.cpp: LayerNorm's backward from its output's gradient, input, mean and 1/std: the gradients of the input,
-// the weight and the bias (rows of at most 64 values).
+// the weight and the bias (the gradient fp32 or bf16; rows of any width).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    const at::Tensor& weight);

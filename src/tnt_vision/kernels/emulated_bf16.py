@@ -204,8 +204,8 @@ def _first_input_grads(
     if norm is None or grad is None:
         return grad, None, None
     x, mean, rstd = kept
-    grad, x = _widened(grad, low), _widened(x, low)
-    return native_layer_norm_backward(grad, x, norm[0], mean, rstd, *norm_params, list(needs))
+    # a bf16 gradient under low=BF16: the kernel reads it as it is, ATen's backward after widening it
+    return native_layer_norm_backward(grad, _widened(x, low), norm[0], mean, rstd, *norm_params, list(needs))
 
 
 def _first_linear_grads(

@@ -79,13 +79,40 @@ inline void store(float* p, Lanes v, int64_t n = kLanes) {
 using HalfLanes [[gnu::vector_size(kLanes * sizeof(uint16_t))]] = uint16_t;
 using BitLanes [[gnu::vector_size(kLanes * sizeof(uint32_t))]] = uint32_t;
 
+// The masked 16-bit loads and stores of AVX-512 (BW, VL) for bf16 tails, at HalfLanes' width.
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TNT_VISION_MASKED_HALVES 1
+inline HalfLanes load_first(const c10::BFloat16* p, int64_t n) {
+  const auto mask = static_cast<uint32_t>((1u << n) - 1);
+#if TNT_VISION_LANES == 16
+  return std::bit_cast<HalfLanes>(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(mask), p));
+#else
+  return std::bit_cast<HalfLanes>(_mm_maskz_loadu_epi16(static_cast<__mmask8>(mask), p));
+#endif
+}
+
+inline void store_first(c10::BFloat16* p, HalfLanes halves, int64_t n) {
+  const auto mask = static_cast<uint32_t>((1u << n) - 1);
+#if TNT_VISION_LANES == 16
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(mask), std::bit_cast<__m256i>(halves));
+#else
+  _mm_mask_storeu_epi16(p, static_cast<__mmask8>(mask), std::bit_cast<__m128i>(halves));
+#endif
+}
+#endif
+
 // The first n bf16 values at p widened to fp32 (exactly: a bf16 is the top half of a float), the rest zero.
 inline Lanes load(const c10::BFloat16* p, int64_t n = kLanes) {
   HalfLanes halves{};
   if (n == kLanes)
     std::memcpy(&halves, p, sizeof halves);
-  else
+  else {
+#ifdef TNT_VISION_MASKED_HALVES
+    halves = load_first(p, n);
+#else
     for (int64_t i = 0; i < n; ++i) std::memcpy(&halves[i], p + i, sizeof(uint16_t));
+#endif
+  }
   return std::bit_cast<Lanes>(__builtin_convertvector(halves, BitLanes) << 16);
 }
 
@@ -99,7 +126,11 @@ inline void store(c10::BFloat16* p, Lanes v, int64_t n = kLanes) {
     std::memcpy(p, &halves, sizeof halves);
     return;
   }
+#ifdef TNT_VISION_MASKED_HALVES
+  store_first(p, halves, n);
+#else
   for (int64_t i = 0; i < n; ++i) std::memcpy(p + i, &halves[i], sizeof(uint16_t));
+#endif
 }
 
 inline float sum_lanes(Lanes v) {

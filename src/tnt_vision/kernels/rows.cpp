@@ -78,7 +78,6 @@ float row_sum(int64_t n, F&& value) {
   return sum_lanes(acc);
 }
 
-constexpr int64_t kMaxRow = 64;    // the widest row layer_norm_backward serves (kernels.MAX_NARROW_ROW)
 constexpr int64_t kSumBlock = 64;  // rows summed before they join a thread's sums of the parameters' gradients
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -154,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    const at::Tensor& weight) {
-  check_input(grad, "layer norm backward gradient");
+  check_elementwise(grad, "layer norm backward gradient");
   check_input(x, "layer norm backward input");
   check_input(mean, "layer norm backward mean");
   check_input(rstd, "layer norm backward 1/std");
@@ -162,9 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   const int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
   TORCH_CHECK(grad.sizes() == x.sizes(), "layer norm backward: gradient of shape ", grad.sizes(), " for ", x.sizes());
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, "layer norm backward: one mean and 1/std per row");
-  TORCH_CHECK(weight.numel() == n && n <= kMaxRow, "layer norm backward: ", n, " weights (at most ", kMaxRow, ")");
+  TORCH_CHECK(weight.numel() == n, "layer norm backward: ", weight.numel(), " weights for rows of ", n);
   auto grad_x = at::empty_like(x);
-  const float *g = grad.data_ptr<float>(), *src = x.data_ptr<float>(), *w = weight.data_ptr<float>();
+  const float *src = x.data_ptr<float>(), *w = weight.data_ptr<float>();
   const float *means = mean.data_ptr<float>(), *rstds = rstd.data_ptr<float>();
   float* dst = grad_x.data_ptr<float>();
   const float inv_n = 1.0f / static_cast<float>(n);
@@ -172,30 +171,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
   // time into a block sum, then that into the thread's (fewer rounding steps than one long sum).
   const int64_t threads = at::get_num_threads(), width = round_up(n);
   std::vector<float> sums(threads * 2 * width, 0.0f);
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    float* thread_sums = sums.data() + at::get_thread_num() * 2 * width;
-    for (int64_t block = begin; block < end; block += kSumBlock) {
-      alignas(sizeof(Lanes)) float block_sums[2 * kMaxRow] = {};
-      for (int64_t r = block; r < std::min(end, block + kSumBlock); ++r) {
-        const float *row = src + r * n, *g_row = g + r * n, mu = means[r], rs = rstds[r];
-        const auto x_hat = [&](int64_t c, auto k) { return (load(row + c, k) - mu) * rs; };
-        // with d = grad * weight: grad_x = rs (d - mean(d) - x_hat mean(d x_hat)); the tails' zeros add nothing
-        const float mean_d = inv_n * row_sum(n, [&](int64_t c, auto k) { return load(g_row + c, k) * load(w + c, k); });
-        const float mean_dx = inv_n * row_sum(n, [&](int64_t c, auto k) {
-          return load(g_row + c, k) * load(w + c, k) * x_hat(c, k);
-        });
-        for_each_chunk(n, [&](int64_t c, auto k) {
-          const Lanes gc = load(g_row + c, k), xc = x_hat(c, k);
-          store(dst + r * n + c, rs * (gc * load(w + c, k) - mean_d - xc * mean_dx), k);
-          add(block_sums + c, gc * xc);
-          add(block_sums + kMaxRow + c, gc);
+  with_element_type(grad, [&](const auto* g) {
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      float* thread_sums = sums.data() + at::get_thread_num() * 2 * width;
+      std::vector<float> block_sums(2 * width);
+      for (int64_t block = begin; block < end; block += kSumBlock) {
+        std::fill(block_sums.begin(), block_sums.end(), 0.0f);
+        for (int64_t r = block; r < std::min(end, block + kSumBlock); ++r) {
+          const float *row = src + r * n, mu = means[r], rs = rstds[r];
+          const auto* g_row = g + r * n;
+          const auto x_hat = [&](int64_t c, auto k) { return (load(row + c, k) - mu) * rs; };
+          // with d = grad * weight: grad_x = rs (d - mean(d) - x_hat mean(d x_hat)); the tails' zeros add nothing
+          const float mean_d = inv_n * row_sum(n, [&](int64_t c, auto k) { return load(g_row + c, k) * load(w + c, k); });
+          const float mean_dx = inv_n * row_sum(n, [&](int64_t c, auto k) {
+            return load(g_row + c, k) * load(w + c, k) * x_hat(c, k);
+          });
+          for_each_chunk(n, [&](int64_t c, auto k) {
+            const Lanes gc = load(g_row + c, k), xc = x_hat(c, k);
+            store(dst + r * n + c, rs * (gc * load(w + c, k) - mean_d - xc * mean_dx), k);
+            add(block_sums.data() + c, gc * xc);
+            add(block_sums.data() + width + c, gc);
+          });
+        }
+        for_each_chunk(n, [&](int64_t c, auto) {
+          add(thread_sums + c, load(block_sums.data() + c));
+          add(thread_sums + width + c, load(block_sums.data() + width + c));
         });
       }
-      for_each_chunk(n, [&](int64_t c, auto) {
-        add(thread_sums + c, load(block_sums + c));
-        add(thread_sums + width + c, load(block_sums + kMaxRow + c));
-      });
-    }
+    });
   });
   auto grad_weight = at::zeros_like(weight), grad_bias = at::zeros_like(weight);
   float *gw = grad_weight.data_ptr<float>(), *gb = grad_bias.data_ptr<float>();
