@@ -39,7 +39,8 @@ Call = Callable[[ModuleType], object]
 
 
 def operator_calls(dtype: torch.dtype) -> dict[str, Call]:
-    """TNT-S's kernel calls at batch 32 (one micro-batch's worth for the row kernels), taking the module to use."""
+    """TNT-S's kernel calls, taking the module to use: the words' attention over a batch of 32 images, LayerNorm and
+    GELU over one fp32 micro-batch of 8."""
     qkv = torch.randn(6272, 16, 72).to(dtype)
     grad_out = torch.randn(6272, 16, 24).to(dtype)
     rows, weight, bias = torch.randn(25088, 24) * 2 + 1, torch.randn(24), torch.randn(24)
@@ -105,7 +106,7 @@ def main() -> None:
         raise SystemExit("the kernels here are not built with 16 lanes (no AVX-512 or no compiler): nothing to compare")
     builds = {"16 lanes": wide, "8 lanes": kernels.build_cpu_kernels("TNT_VISION_LANES=8")}
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
-    print(f"operators ({args.dtype} where they take it; the row kernels fp32):")
+    print(f"operators ({args.dtype}; LayerNorm's input always fp32):")
     operators(builds, torch.bfloat16 if args.dtype == "bf16" else torch.float32, max(args.rounds, 15))
     model_step(builds, args)
 

@@ -6,10 +6,14 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("lanes") = tnt_vision::kLanes;  // fp32 values per vector: 16 where built for AVX-512, else 8
-  module.def("word_attention_forward", &tnt_vision::word_attention_forward, "word attention forward (CPU, fp32 or bf16)");
-  module.def("word_attention_backward", &tnt_vision::word_attention_backward, "word attention backward (CPU, fp32 or bf16)");
-  module.def("layer_norm", &tnt_vision::layer_norm, "LayerNorm over the last dimension (CPU, fp32; output fp32 or bf16)");
-  module.def("layer_norm_backward", &tnt_vision::layer_norm_backward, "LayerNorm backward (CPU, fp32; the gradient also bf16)");
+  module.def("word_attention_forward", &tnt_vision::word_attention_forward,
+             "word attention forward (CPU, fp32 or bf16)");
+  module.def("word_attention_backward", &tnt_vision::word_attention_backward,
+             "word attention backward (CPU, fp32 or bf16)");
+  module.def("layer_norm", &tnt_vision::layer_norm,
+             "LayerNorm over the last dimension (CPU, fp32; output fp32 or bf16)");
+  module.def("layer_norm_backward", &tnt_vision::layer_norm_backward,
+             "LayerNorm backward (CPU, fp32; the gradient also bf16)");
   module.def("gelu_backward_and_value", &tnt_vision::gelu_backward_and_value,
              "exact GELU's gradient in place of grad, and its value (CPU, fp32 or bf16)");
 }

@@ -1,5 +1,5 @@
-// The CPU kernels' entry points (contiguous fp32 tensors; the word attention's and GELU's also bf16), bound to Python in
-// cpu_kernels.cpp.
+// The CPU kernels' entry points (contiguous fp32 tensors; the word attention's and GELU's also bf16, and the
+// LayerNorm backward's gradient), bound to Python in cpu_kernels.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>

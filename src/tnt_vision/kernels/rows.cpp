@@ -1,10 +1,11 @@
 // Row- and element-wise kernels where ATen's general ones leave time on the table (contiguous, fp32 unless noted):
 //
 // - LayerNorm over narrow rows (TNT's words: 12 to 40 channels), where ATen's CPU kernel takes about twice as
-//   long as the memory traffic needs: a row here is a few vectors and two horizontal sums. Its backward likewise
-//   (rows of any width: faster than ATen's at 384 too; the gradient fp32, or bf16 read as it is, as a bf16 linear
-//   layer's backward gives it), with the weight's and bias's gradients summed per thread in vectors. The forward can also write its output
-//   rounded to bf16, at any row width, for a bf16 linear layer after it (bf16 autocast on bf16 hardware).
+//   long as the memory traffic needs: a row here is a few vectors and two horizontal sums. Its backward likewise,
+//   with the weight's and bias's gradients summed per thread in vectors; it takes rows of any width (faster than
+//   ATen's at 384 too) and a bf16 gradient as it is (as a bf16 linear layer's backward gives it). The forward can
+//   also write its output rounded to bf16, at any row width, for a bf16 linear layer after it (bf16 autocast on
+//   bf16 hardware).
 // - The exact GELU's backward fused with its value. A lean MLP keeps only the GELU's input h and needs, in its
 //   backward pass, both gelu(h) (for fc2's weight gradient) and grad * gelu'(h): one pass over h and grad instead
 //   of two (ATen's GELU and GELU-backward each evaluate erf), with Phi and phi from one exponential. fp32, or bf16
@@ -38,7 +39,7 @@ void check_elementwise(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.is_contiguous(), what, ": expected a contiguous tensor");
 }
 
-// body(x's data) with its element type: const float* or const at::BFloat16*.
+// body(x's data) with its element type: float* or at::BFloat16*.
 template <typename F>
 void with_element_type(const at::Tensor& x, F&& body) {
   if (x.scalar_type() == at::kBFloat16)
@@ -183,7 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
           const auto* g_row = g + r * n;
           const auto x_hat = [&](int64_t c, auto k) { return (load(row + c, k) - mu) * rs; };
           // with d = grad * weight: grad_x = rs (d - mean(d) - x_hat mean(d x_hat)); the tails' zeros add nothing
-          const float mean_d = inv_n * row_sum(n, [&](int64_t c, auto k) { return load(g_row + c, k) * load(w + c, k); });
+          const float mean_d =
+              inv_n * row_sum(n, [&](int64_t c, auto k) { return load(g_row + c, k) * load(w + c, k); });
           const float mean_dx = inv_n * row_sum(n, [&](int64_t c, auto k) {
             return load(g_row + c, k) * load(w + c, k) * x_hat(c, k);
           });
@@ -219,7 +221,7 @@ at::Tensor gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x) {
               grad.sizes(), " and type ", grad.scalar_type(), " for input ", x.sizes(), " of ", x.scalar_type());
   auto value = at::empty_like(x);
   with_element_type(x, [&](auto* src) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(src)>>;
+    using T = std::remove_pointer_t<decltype(src)>;
     T *g = grad.data_ptr<T>(), *dst = value.data_ptr<T>();
     for_each_chunk_parallel(x.numel(), [&](int64_t i, auto k) {
       const Lanes v = load(src + i, k);

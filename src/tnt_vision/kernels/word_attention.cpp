@@ -2,11 +2,12 @@
 //
 // A sentence has m words (16 for 16x16 patches and 4x4 words) and each head d channels (6 in TNT-S), so one
 // (sentence, head) pair is a 16x16 attention: far too small for a general attention kernel, whose per-call setup
-// then dominates. Here one pair is computed in registers/L1, kLanes queries at a time (lanes.h: 16 with AVX-512, so
-// one block holds a whole 16-word sentence; 8 with AVX2): everything indexed by the query is one vector, the last
-// block padded with zero queries, and loops run over keys j and channels c only. Scores are kept transposed, one vector per key:
-// ST[j] = scale * (k_j . q_i)_i, so the softmax over keys is an elementwise max/sum across these vectors.
-// Queries are independent in the forward pass; in the backward pass the key and value gradients sum over them.
+// then dominates. Here one pair is computed in registers/L1, kLanes queries at a time (lanes.h: 16 with AVX-512,
+// so one block holds a whole 16-word sentence; 8 with AVX2): everything indexed by the query is one vector, the
+// last block padded with zero queries, and loops run over keys j and channels c only. Scores are kept transposed,
+// one vector per key: ST[j] = scale * (k_j . q_i)_i, so the softmax over keys is an elementwise max/sum across
+// these vectors. Queries are independent in the forward pass; in the backward pass the key and value gradients
+// sum over them.
 //
 // Layout: qkv is the output of the fused q/k/v projection, (P, m, 3C) with C = heads * d, read in place (no
 // permute); the output is (P, m, C), ready for the output projection. fp32, or bf16 (autocast's q/k/v on a CPU with
