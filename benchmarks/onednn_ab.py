@@ -38,7 +38,7 @@ def main() -> None:
     with_onednn, with_packing, _ = defaults
     switches = {
         "plain linear layers": (lambda: False, with_packing, False),
-        "oneDNN, plain weights": (with_onednn, lambda weight, rows: weight, False),
+        "oneDNN, plain weights": (with_onednn, lambda weight, rows, dtype=None: weight, False),
         "oneDNN, packed": (with_onednn, with_packing, False),
         "oneDNN, GELU epilogue": (with_onednn, with_packing, True),
     }
