@@ -15,7 +15,6 @@ attention in training); timm's TNT with the same configuration. Medians and the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ import torch
 from tnt_vision import kernels
 from tnt_vision.bench import (
     BenchConfig,
+    ab_parser,
     build_module,
     cpu_name,
     inference_step,
@@ -33,6 +33,7 @@ from tnt_vision.bench import (
     make_inputs,
     set_threads,
     train_step,
+    within,
 )
 from tnt_vision.kernels import emulated_bf16, onednn
 from tnt_vision.models import create_model, tnt
@@ -44,9 +45,9 @@ def fp32_word_attention_only(qkv: torch.Tensor, tokens: int, head_dim: int) -> b
     return qkv.dtype == torch.float32 and kernels.word_attention_applies(qkv, tokens, head_dim)
 
 
-def fp32_gelu_only(x: torch.Tensor, applies: Callable[[torch.Tensor], bool] = kernels.gelu_applies) -> bool:
+def fp32_gelu_only(*tensors: torch.Tensor, applies: Callable[..., bool] = kernels.gelu_applies) -> bool:
     """The GELU kernel's test before it took bf16."""
-    return x.dtype == torch.float32 and applies(x)
+    return all(t.dtype == torch.float32 for t in tensors) and applies(*tensors)
 
 
 def never(x: torch.Tensor) -> bool:
@@ -70,25 +71,18 @@ def previous_bf16_path() -> Iterator[None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tnt_s_patch16_224")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--train", action="store_true")
-    args = parser.parse_args()
+    args = ab_parser(__doc__, rounds=7).parse_args()
     threads = set_threads(args.threads)
     if not emulated_bf16.bf16_hardware():
         raise SystemExit("this CPU has no bf16 products: bf16 autocast takes the emulated path (rows_ab.py)")
     cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train, dtype="bf16")
     make_step = train_step if args.train else inference_step
     ours = make_step(create_model(args.model), cfg)
-
-    def previous(x: torch.Tensor) -> object:
-        with previous_bf16_path():
-            return ours(x)
-
-    steps = {"tnt-vision": ours, "previous": previous, "timm": make_step(build_module("timm", args.model, 224), cfg)}
+    steps = {
+        "tnt-vision": ours,
+        "previous": within(ours, previous_bf16_path),
+        "timm": make_step(build_module("timm", args.model, 224), cfg),
+    }
     times = interleaved_times(steps, make_inputs(cfg, args.batch), cfg)
     what = "training step" if args.train else "inference"
     print(

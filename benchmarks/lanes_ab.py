@@ -26,12 +26,14 @@ import torch
 from tnt_vision import kernels
 from tnt_vision.bench import (
     BenchConfig,
+    ab_parser,
     cpu_name,
     inference_step,
     interleaved_times,
     make_inputs,
     set_threads,
     train_step,
+    within,
 )
 from tnt_vision.models import create_model
 
@@ -77,10 +79,7 @@ def model_step(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
     def eight_lanes() -> ModuleType:  # a plain function: a Mock would keep every tensor it is called with
         return builds["8 lanes"]
 
-    def with_8_lanes(x: torch.Tensor) -> object:
-        with mock.patch.object(kernels, "cpu_kernels", eight_lanes):
-            return step(x)
-
+    with_8_lanes = within(step, lambda: mock.patch.object(kernels, "cpu_kernels", eight_lanes))
     times = interleaved_times({"16 lanes": step, "8 lanes": with_8_lanes}, make_inputs(cfg, args.batch), cfg)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     paired = statistics.median(a / b for a, b in zip(times["8 lanes"], times["16 lanes"], strict=True))
@@ -92,13 +91,8 @@ def model_step(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tnt_s_patch16_224")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0)
+    parser = ab_parser(__doc__, rounds=7)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--train", action="store_true")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     wide = kernels.cpu_kernels()

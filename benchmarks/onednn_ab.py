@@ -11,27 +11,21 @@ place on the output (`onednn.GELU_EPILOGUE`); the medians are printed with the b
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from tnt_vision.bench import cpu_name
+from tnt_vision.bench import ab_parser, cpu_name, set_threads
 from tnt_vision.kernels import onednn
 from tnt_vision.models import create_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tnt_s_patch16_224")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = ab_parser(__doc__, rounds=8, train=False).parse_args()
     if not onednn.available():
         raise SystemExit("this PyTorch has no oneDNN: nothing to compare")
-    torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     model = create_model(args.model).eval()
     inputs = [torch.randn(args.batch, 3, 224, 224) for _ in range(2)]
     defaults = onednn.available, onednn.packed, onednn.GELU_EPILOGUE
@@ -51,7 +45,7 @@ def main() -> None:
                 if i:  # round 0 warms up
                     times[name].append(time.perf_counter() - start)
     onednn.available, onednn.packed, onednn.GELU_EPILOGUE = defaults
-    print(f"{args.model}, fp32, batch {args.batch}, {args.threads} threads, {cpu_name()}, torch {torch.__version__}")
+    print(f"{args.model}, fp32, batch {args.batch}, {threads} threads, {cpu_name()}, torch {torch.__version__}")
     for name, runs in times.items():
         median = statistics.median(runs)
         print(f"{name:23s} median {median * 1e3:8.1f} ms  {args.batch / median:7.2f} images/s  ({len(runs)} runs)")

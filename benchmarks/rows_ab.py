@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from tnt_vision import kernels
 from tnt_vision.bench import (
     BenchConfig,
+    ab_parser,
     cpu_name,
     inference_step,
     interleaved_times,
     make_inputs,
     set_threads,
     train_step,
+    within,
 )
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import create_model
@@ -120,12 +122,7 @@ def model_steps(args: argparse.Namespace) -> None:
     cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train)
     model = create_model(args.model)
     step = train_step(model, cfg) if args.train else inference_step(model, cfg)
-
-    def without(x: torch.Tensor) -> object:
-        with aten_rows():
-            return step(x)
-
-    times = interleaved_times({"kernels": step, "aten": without}, make_inputs(cfg, args.batch), cfg)
+    times = interleaved_times({"kernels": step, "aten": within(step, aten_rows)}, make_inputs(cfg, args.batch), cfg)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     what = "training step" if args.train else "inference"
     print(
@@ -135,13 +132,7 @@ def model_steps(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tnt_s_patch16_224")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--train", action="store_true")
-    args = parser.parse_args()
+    args = ab_parser(__doc__, rounds=5).parse_args()
     threads = set_threads(args.threads)
     if kernels.cpu_kernels() is None:
         raise SystemExit("the CPU kernels could not be built here; nothing to compare")

@@ -19,7 +19,6 @@ costliest operators of any kind. On a GPU (--device cuda) the times are the kern
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import statistics
@@ -34,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from tnt_vision.bench import (
     BenchConfig,
     Step,
+    ab_parser,
     build_step,
     cpu_name,
     interleaved_times,
@@ -150,14 +150,9 @@ def where(device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tnt_s_patch16_224")
-    parser.add_argument("--batch", type=int, default=32)
+    parser = ab_parser(__doc__, rounds=5)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--train", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--shapes", type=int, default=0, help="also list the N costliest product shapes")
     parser.add_argument("--ops", type=int, default=0, help="also list the N costliest operators of any kind")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -7,10 +7,11 @@ FLOP counters and attention visualisation rely on. Parity with timm is in test_m
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -21,12 +22,14 @@ from helpers import forward_backward, randomize_
 from tnt_vision import kernels
 from tnt_vision.bench import (
     BenchConfig,
+    ab_parser,
     baseline_memory_mib,
     build_step,
     make_inputs,
     onnxruntime_options,
     peak_memory_mib,
     timm_equivalent,
+    within,
 )
 from tnt_vision.cli import main
 from tnt_vision.kernels import emulated_bf16, onednn
@@ -521,6 +524,23 @@ def benchmark_module(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_ab_scripts_share_a_command_line_and_run_a_contender_within_its_context() -> None:
+    """`bench.ab_parser` and `bench.within`, which the A/B scripts of benchmarks/ build their contenders with."""
+    args = ab_parser("an A/B script\nmore", rounds=7).parse_args(["--train"])
+    assert (args.model, args.batch, args.rounds, args.threads, args.train) == ("tnt_s_patch16_224", 32, 7, 0, True)
+    assert not hasattr(ab_parser("inference only", rounds=3, train=False).parse_args([]), "train")
+    entered: list[bool] = []
+
+    @contextlib.contextmanager
+    def stepped_aside() -> Iterator[None]:
+        entered.append(True)
+        yield
+
+    variant = within(lambda x: x * 2, stepped_aside)
+    assert [variant(torch.tensor(1.0)).item(), variant(torch.tensor(2.0)).item()] == [2.0, 4.0]
+    assert entered == [True, True]  # a fresh context at every call
 
 
 def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.MonkeyPatch) -> None:

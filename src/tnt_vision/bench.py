@@ -8,6 +8,7 @@ set of a fresh process that runs only that contender (CPU), or the CUDA allocato
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,30 @@ def baseline_memory_mib() -> float:
 
 
 # ---- the whole measurement -------------------------------------------------------------------------------------
+def within(step: Step, context: Callable[[], AbstractContextManager[Any]]) -> Step:
+    """`step` run inside a fresh `context()` at every call: the same model as another contender of an A/B script
+    (a fast path stepped aside, another build swapped in)."""
+
+    def run(x: torch.Tensor) -> object:
+        with context():
+            return step(x)
+
+    return run
+
+
+def ab_parser(doc: str, rounds: int, train: bool = True) -> argparse.ArgumentParser:
+    """The command line `benchmarks/`' A/B scripts share: --model, --batch, --rounds (this many by default),
+    --threads (0: torch's default, see `set_threads`) and, with `train`, --train; a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="tnt_s_patch16_224")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=0)
+    if train:
+        parser.add_argument("--train", action="store_true")
+    return parser
+
+
 def set_threads(threads: int) -> int:
     if threads > 0:
         torch.set_num_threads(threads)

@@ -212,17 +212,18 @@ def gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.
     """(grad * gelu'(x), gelu(x)) for the exact GELU, in one pass where the kernel applies (`gelu_applies` to both,
     of one shape and dtype), which writes the gradient over `grad`. bf16 is computed in fp32 and rounded once, as
     ATen's bf16 GELU is."""
-    if grad.shape == x.shape and grad.dtype == x.dtype and gelu_applies(grad) and gelu_applies(x):
+    if grad.shape == x.shape and grad.dtype == x.dtype and gelu_applies(grad, x):
         with torch.profiler.record_function("tnt_vision::gelu_backward_and_value"):
             return grad, _kernels().gelu_backward_and_value(grad, x)
     return torch.ops.aten.gelu_backward(grad, x), torch.nn.functional.gelu(x)
 
 
-def gelu_applies(x: torch.Tensor) -> bool:
-    """Whether the GELU kernels take x: a contiguous fp32 or bf16 CPU tensor, no gradient recorded for it, outside
-    graph capture."""
-    fits = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
-    return fits and not grad_recorded((x,)) and not capturing_graph() and kernels_available()
+def gelu_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the GELU kernels take these tensors: contiguous fp32 or bf16 CPU ones, no gradient recorded for
+    them, outside graph capture."""
+    kinds = (torch.float32, torch.bfloat16)
+    fits = all(t.device.type == "cpu" and t.dtype in kinds and t.is_contiguous() for t in tensors)
+    return fits and not grad_recorded(tensors) and not capturing_graph() and kernels_available()
 
 
 def grad_recorded(tensors: Iterable[torch.Tensor]) -> bool:

@@ -9,6 +9,15 @@
 
 namespace tnt_vision {
 
+// body(x's data) with its element type, float* or at::BFloat16* (the kernels taking both check which it is).
+template <typename F>
+void with_element_type(const at::Tensor& x, F&& body) {
+  if (x.scalar_type() == at::kBFloat16)
+    body(x.data_ptr<at::BFloat16>());
+  else
+    body(x.data_ptr<float>());
+}
+
 // word_attention.cpp: softmax(scale q k^T) v per head over each sentence's words, from the fused projection
 // (P, m, 3C) to (P, m, C), and its gradient with respect to the projection.
 at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale);

@@ -39,15 +39,6 @@ void check_elementwise(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.is_contiguous(), what, ": expected a contiguous tensor");
 }
 
-// body(x's data) with its element type: float* or at::BFloat16*.
-template <typename F>
-void with_element_type(const at::Tensor& x, F&& body) {
-  if (x.scalar_type() == at::kBFloat16)
-    body(x.data_ptr<at::BFloat16>());
-  else
-    body(x.data_ptr<float>());
-}
-
 // Calls body(c, k) for the vectors of a row of n values: k = kLanes as a compile-time constant for the whole ones
 // (so that their loads and stores are single instructions), then once for the k < kLanes values left, if any.
 template <typename F>

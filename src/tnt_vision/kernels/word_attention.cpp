@@ -243,11 +243,10 @@ void backward(const Shape<>& shape, const T* src, const T* gsrc, T* gdst, float 
 at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale) {
   const Shape<> shape = check(qkv, heads);
   auto out = at::empty({shape.sentences, shape.words, shape.width()}, qkv.options());
-  const float sc = static_cast<float>(scale);
-  if (qkv.scalar_type() == at::kBFloat16)
-    forward(shape, qkv.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), sc);
-  else
-    forward(shape, qkv.data_ptr<float>(), out.data_ptr<float>(), sc);
+  with_element_type(qkv, [&](auto* src) {
+    using T = std::remove_pointer_t<decltype(src)>;
+    forward(shape, src, out.data_ptr<T>(), static_cast<float>(scale));
+  });
   return out;
 }
 
@@ -259,12 +258,10 @@ at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor&
                   grad.sizes() == at::IntArrayRef({shape.sentences, shape.words, shape.width()}),
               "word attention: gradient of the wrong shape or type");
   auto grad_qkv = at::empty_like(qkv);
-  const float sc = static_cast<float>(scale);
-  if (qkv.scalar_type() == at::kBFloat16) {
-    using BF16 = at::BFloat16;
-    backward(shape, qkv.data_ptr<BF16>(), grad.data_ptr<BF16>(), grad_qkv.data_ptr<BF16>(), sc);
-  } else
-    backward(shape, qkv.data_ptr<float>(), grad.data_ptr<float>(), grad_qkv.data_ptr<float>(), sc);
+  with_element_type(qkv, [&](auto* src) {
+    using T = std::remove_pointer_t<decltype(src)>;
+    backward(shape, src, grad.data_ptr<T>(), grad_qkv.data_ptr<T>(), static_cast<float>(scale));
+  });
   return grad_qkv;
 }
 
