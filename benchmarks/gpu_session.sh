@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one run, most important first, within a time budget (seconds, default 400):
-# the fused block's backward (GPU tests, then the training step's speed and memory, the block alone), the other
-# GPU tests, the rest of the README's GPU table (TNT-Ti/B training, TNT-S eager and compiled inference), where
-# inference time goes (operators by device time).
+# Triton's kernels compiled for every autotuner configuration in parallel (`gpu_warm_cache.py`, in the background)
+# while every GPU test runs (pytest-xdist, the known compiled-model failure shown in full), then the fused block's
+# training step (speed and memory), the block alone, the rest of the README's GPU table (TNT-Ti/B, TNT-S eager and
+# compiled inference), where inference time goes (operators by device time).
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #     FROM=5 OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400   # a second call: steps 5 onwards
 #
-# On a machine whose timm is not 1.0.x, install the wheel first (here: `pip download timm==1.0.31` into .whl/,
-# then `pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and PYTHONPATH=/tmp/site:src).
+# Wheels in .whl/ (say timm 1.0.x where the machine's timm is another) are installed first, into /tmp/site.
 #
 # A step that would start with too little of the budget left is skipped. Results (JSON, Markdown) are bundled in
 # $OUT/results.tar.gz after every step, so a run cut short still returns what it measured; the log is $OUT/log.txt.
@@ -43,20 +43,27 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
 }
 
 {
+    if ! python3 -c "import timm, sys; sys.exit(not timm.__version__.startswith('1.0.'))" && compgen -G ".whl/*.whl"; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+    fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
+    python3 benchmarks/gpu_warm_cache.py > "$OUT/warm.txt" 2>&1 &
+    warm=$!
     table="python3 benchmarks/perf_table.py --device cuda --batch 256 --runs 10 --warmup 3"
-    tests="python3 -m pytest -v -p no:cacheprovider tests/test_kernels.py"  # -v: a line per test, even if cut
-    step 240 60 $tests -k "gpu and (backward or training)"
+    # -v: a line per test, even if cut; --runxfail: the known compiled-model failure in full (is the operator in
+    # Dynamo's graph, and does Inductor launch it?)
+    parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+    step 300 120 python3 -m pytest -v -p no:cacheprovider $parallel --runxfail tests/test_kernels.py -k gpu
+    echo "== waiting for the compile warm-up"; wait $warm; cat "$OUT/warm.txt"
     step 150 60 $table --models tnt_s_patch16_224 --settings bf16-train --out "$RES/train"
     step 150 50 python3 benchmarks/gpu_inner_block.py --batch 256 --dtypes bf16 --out "$RES/gpu_inner_block.json"
-    step 200 60 $tests -k "gpu and not backward and not training"
-    # the known failure in full (xfail hides it): is the operator in Dynamo's graph, and does Inductor launch it?
-    step 90 40 $tests --runxfail -k compiled_model_on_the_gpu
-    step 120 40 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-train --out "$RES/tib"
+    step 150 50 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-train --out "$RES/tib"
     step 120 40 $table --models tnt_s_patch16_224 --settings bf16-infer fp32-infer --no-memory --out "$RES/eager"
-    step 90 40 python3 benchmarks/time_breakdown.py --device cuda --dtype bf16 --batch 256 --rounds 5 --ops 15
     step 200 100 $table --models tnt_s_patch16_224 --settings bf16-infer --no-memory --compile --out "$RES/compiled"
+    step 100 40 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-infer --no-memory --out "$RES/tib_infer"
+    step 90 40 python3 benchmarks/time_breakdown.py --device cuda --dtype bf16 --batch 256 --rounds 5 --ops 15
     step 150 50 python3 benchmarks/gpu_inner_block.py --batch 256 --dtypes fp32 tf32 --out "$RES/gpu_inner_block_fp32.json"
     echo "== done in $((SECONDS - START))s"
 } 2>&1 | tee "$OUT/log.txt"
