@@ -486,7 +486,7 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
         for rows in (16, 32):  # gradients, each relative to its own size
             assert diffs[f"{name}_backward_{rows}"] <= 1e-5, (name, rows, diffs)
         assert diffs[f"{name}_backward_one_slot"] <= 1e-5, (name, diffs)
-        assert diffs[f"{name}_backward_tf32"] <= 1e-5, (name, diffs)  # exact in the interpreter
+        assert diffs[f"{name}_backward_tf32"] <= 5e-3, (name, diffs)  # operands rounded to fp16's 10 mantissa bits
         assert diffs[f"{name}_backward_bf16"] <= 3e-2, (name, diffs)
         assert diffs[f"{name}_backward_fp16"] <= 5e-3, (name, diffs)
     for name in ("tnt_s_patch16_224", "tnt_b_patch16_224", "tnt_s_legacy_patch16_224"):
@@ -624,7 +624,7 @@ def test_the_first_use_check_runs_on_a_few_sentences_of_a_large_batch(monkeypatc
     monkeypatch.setattr(inner_block, "reference_backward", lambda g, *a, **k: reference_sizes.append(len(g)) or
                         reference(g, *a, **k))  # fmt: skip
     for _ in range(2):
-        got = inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "ieee")
+        got = inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "ieee", None)
     assert kernel_sizes == [3, 7, 7]  # checked on 3 sentences, then trusted
     assert reference_sizes == [3]
     for a, b in zip(got, reference(grad, x, weights, bias, heads, eps), strict=True):
@@ -642,9 +642,9 @@ def test_the_first_use_check_waits_for_finite_numbers(monkeypatch: pytest.Monkey
     overflowed[0, 0, 0] = float("inf")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        inner_block.fused_inner_block_backward(overflowed, x, weights, bias, heads, eps, "fp16")
+        inner_block.fused_inner_block_backward(overflowed, x, weights, bias, heads, eps, "fp16", None)
         assert inner_block._CHECKED == {}
-        inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "fp16")
+        inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "fp16", None)
     assert list(inner_block._CHECKED.values()) == [True]
 
 
@@ -656,7 +656,7 @@ def test_a_backward_kernel_that_disagrees_is_switched_off(monkeypatch: pytest.Mo
     monkeypatch.setattr(inner_block, "_CHECKED", {})
     monkeypatch.setattr(inner_block, "_launch_backward", lambda *a, **k: [g * 1.01 for g in expected])
     with pytest.warns(RuntimeWarning, match="differs from the plain path"):
-        got = inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "ieee")
+        got = inner_block.fused_inner_block_backward(grad, x, weights, bias, heads, eps, "ieee", None)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
     assert list(inner_block._CHECKED.values()) == [False]
@@ -700,6 +700,25 @@ def test_reference_block_is_the_plain_block() -> None:
         with torch.no_grad():
             reference = inner_block.reference_block(words, *inner_block.block_arguments(block))
             torch.testing.assert_close(reference, block.plain_forward(words), rtol=1e-12, atol=1e-12)
+
+
+def test_only_an_export_counts_as_exporting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.11's Dynamo folds `torch.compiler.is_exporting()` to True in every torch.compile graph (seen on an
+    H200 and an H100: the compiled model ran without the fused block); the flag torch.export sets decides."""
+    if not hasattr(torch.compiler, "_is_exporting_flag"):
+        pytest.skip("this torch has no export flag")
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # as torch 2.11's Dynamo answers it
+    assert not kernels.exporting_graph()
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)  # as torch.export sets it
+    assert kernels.exporting_graph()
+
+
+def test_the_fused_operators_take_no_argument_with_a_default() -> None:
+    """torch 2.11's dispatcher drops a trailing argument equal to its default before autograd sees the call (seen on
+    an H100: drop-path's `scales=None` went missing and the backward's gradients no longer matched the inputs)."""
+    for op in (torch.ops.tnt_vision.inner_block, torch.ops.tnt_vision.inner_block_backward):
+        defaulted = [a.name for a in op.default._schema.arguments if a.has_default_value()]
+        assert not defaulted, (op, defaulted)
 
 
 def test_the_switch_keeps_the_interpreted_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -842,7 +861,6 @@ def test_triton_inner_block_on_the_gpu_matches_the_plain_path(mode: str) -> None
 
 
 @needs_gpu_triton
-@pytest.mark.xfail(reason="H200, torch 2.11: the compiled model ran without the kernel (0 launches); cause not found")
 def test_compiled_model_on_the_gpu_keeps_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator in the graph Dynamo captures, then launched by Inductor's compiled code (the CPU twin of this
     check, under Triton's interpreter, passes: `test_triton_inner_block_matches_plain_block_under_the_interpreter`)."""

@@ -54,7 +54,7 @@ def block_differences() -> dict[str, float]:
                 diffs[f"{name}_{variant}"] = (out - reference).abs().max().item() / scale
                 low = ib.inner_block(low_block, x.bfloat16(), precision="bf16", config=config)
                 diffs[f"{name}_{variant}_bf16"] = (low.float() - reference).abs().max().item() / scale
-                tf32 = ib.inner_block(block, x, precision="tf32", config=config)  # exact in the interpreter
+                tf32 = ib.inner_block(block, x, precision="tf32", config=config)  # operands rounded to TF32
                 diffs[f"{name}_{variant}_tf32"] = (tf32 - reference).abs().max().item() / scale
                 half = ib.inner_block(half_block, x.half(), precision="fp16", config=config)
                 diffs[f"{name}_{variant}_fp16"] = (half.float() - reference).abs().max().item() / scale

@@ -260,6 +260,11 @@ def exporting_graph() -> bool:
     """Whether the graph being recorded leaves PyTorch (TorchScript, ONNX, torch.export): standard ops only."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
+    # The flag torch.export sets and is_exporting() returns: torch 2.11's Dynamo folds is_exporting() itself to True
+    # in every torch.compile graph, which would leave the fast paths out of them.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is not None:
+        return flag
     is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6; before it any graph counts
     return torch.compiler.is_compiling() if is_exporting is None else is_exporting()
 

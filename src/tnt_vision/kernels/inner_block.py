@@ -259,7 +259,7 @@ def fused_inner_block(
     heads: int,
     eps: list[float],
     precision: str,
-    scales: torch.Tensor | None = None,
+    scales: torch.Tensor | None,
 ) -> torch.Tensor:
     """The forward kernel, checked against `reference_block` on its first call for each configuration.
 
@@ -291,7 +291,7 @@ def fused_inner_block_backward(
     heads: int,
     eps: list[float],
     precision: str,
-    scales: torch.Tensor | None = None,
+    scales: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """The backward kernel, checked against `reference_backward` as the forward is against `reference_block`."""
 

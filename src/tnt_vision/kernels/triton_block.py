@@ -47,16 +47,23 @@ if triton is not None:
             product = tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
         elif PRECISION == "bf16":
             product = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        elif PRECISION == "tf32":  # the tensor cores drop the low bits; cuBLAS's TF32 products round them first
+            product = tl.dot(_round_mantissa(a, 13), _round_mantissa(b, 13), input_precision="tf32")
         else:
             product = tl.dot(a, b, input_precision=PRECISION)
         return product
 
     @triton.jit
+    def _round_mantissa(x, DROP: tl.constexpr):
+        """fp32 rounded to nearest (ties to even) with its DROP lowest bits zero (16: bf16, 13: TF32), in fp32."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) >> DROP) << DROP
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _round_bf16(x):
         """fp32 rounded to the nearest bf16 (ties to even), as the GPU converts, kept in fp32."""
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return bits.to(tl.float32, bitcast=True)
+        return _round_mantissa(x, 16)
 
     @triton.jit
     def _tile(sentences, WORDS: tl.constexpr, WIDTH: tl.constexpr, M_PAD: tl.constexpr, C_PAD: tl.constexpr,
