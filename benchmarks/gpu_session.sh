@@ -7,6 +7,10 @@
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #     FROM=5 OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400   # a second call: steps 5 onwards
+#     STEPS="1 2 6" TESTS="gpu and training" WARM="bf16" OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 300
+#
+# STEPS: the step numbers to run (default all from FROM); TESTS: the GPU tests' -k expression (default "gpu");
+# WARM: the modes the compile warm-up covers (default all, see gpu_warm_cache.py --modes).
 #
 # Wheels in .whl/ (say timm 1.0.x where the machine's timm is another) are installed first, into /tmp/site.
 #
@@ -15,6 +19,9 @@
 set -u
 BUDGET=${1:-400}
 FROM=${FROM:-1}
+STEPS=${STEPS:-}
+TESTS=${TESTS:-gpu}
+WARM=${WARM:-}
 OUT=${OUT:-/tmp/tnt-gpu}
 RES=$(mktemp -d)
 mkdir -p "$OUT"
@@ -27,7 +34,7 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     shift 2
     STEP=$((STEP + 1))
     local left=$((BUDGET - (SECONDS - START)))
-    if ((STEP < FROM)); then
+    if ((STEP < FROM)) || [[ -n $STEPS && " $STEPS " != *" $STEP "* ]]; then
         return
     fi
     if ((left < needed)); then
@@ -49,17 +56,17 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
-    python3 benchmarks/gpu_warm_cache.py > "$OUT/warm.txt" 2>&1 &
+    python3 benchmarks/gpu_warm_cache.py ${WARM:+--modes $WARM} > "$OUT/warm.txt" 2>&1 &
     warm=$!
     table="python3 benchmarks/perf_table.py --device cuda --batch 256 --runs 10 --warmup 3"
     # -v: a line per test, even if cut; --runxfail: the known compiled-model failure in full (is the operator in
     # Dynamo's graph, and does Inductor launch it?)
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-    step 300 120 python3 -m pytest -v -p no:cacheprovider $parallel --runxfail tests/test_kernels.py -k gpu
+    step 300 120 python3 -m pytest -v -p no:cacheprovider $parallel --runxfail tests/test_kernels.py -k "$TESTS"
     echo "== waiting for the compile warm-up"; wait $warm; cat "$OUT/warm.txt"
     step 150 60 $table --models tnt_s_patch16_224 --settings bf16-train --out "$RES/train"
-    step 150 50 python3 benchmarks/gpu_inner_block.py --batch 256 --dtypes bf16 --out "$RES/gpu_inner_block.json"
     step 150 50 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-train --out "$RES/tib"
+    step 150 50 python3 benchmarks/gpu_inner_block.py --batch 256 --dtypes bf16 --out "$RES/gpu_inner_block.json"
     step 120 40 $table --models tnt_s_patch16_224 --settings bf16-infer fp32-infer --no-memory --out "$RES/eager"
     step 200 100 $table --models tnt_s_patch16_224 --settings bf16-infer --no-memory --compile --out "$RES/compiled"
     step 100 40 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-infer --no-memory --out "$RES/tib_infer"

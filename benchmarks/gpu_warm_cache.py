@@ -53,12 +53,16 @@ def narrowed(worker: int) -> None:
             tuner.configs = [tuner.configs[worker % len(tuner.configs)]]
 
 
+MODES = ("bf16", "fp32", "fp16", "tf32", "bf16-weights")
+
+
 def modes(name: str) -> Iterator[tuple[str, contextlib.AbstractContextManager[Any], bool]]:
-    """(label, context, train) of each mode the session runs this model in."""
-    yield "bf16 autocast", torch.autocast("cuda", torch.bfloat16), True
-    if name == "tnt_s_patch16_224":  # the fp32 row and the GPU tests' modes
+    """(label, context, train) of each mode the session runs this model in: the tables' bf16-autocast training
+    and inference for every model; TNT-S's fp32 rows and the GPU tests' modes."""
+    yield "bf16", torch.autocast("cuda", torch.bfloat16), True
+    if name == "tnt_s_patch16_224":
         yield "fp32", contextlib.nullcontext(), True
-        yield "fp16 autocast", torch.autocast("cuda", torch.float16), False
+        yield "fp16", torch.autocast("cuda", torch.float16), False
         yield "tf32", _matmul_precision("high"), False
 
 
@@ -72,8 +76,8 @@ def _matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def warm(worker: int, sentences: tuple[int, ...], device: str = "cuda") -> str:
-    """Run every mode of every model once with this worker's configurations; a line of what it took."""
+def warm(worker: int, sentences: tuple[int, ...], kept: tuple[str, ...], device: str = "cuda") -> str:
+    """Run the `kept` modes of every model once with this worker's configurations; a line of what it took."""
     start = time.perf_counter()
     narrowed(worker)
     ib._launch = replaying(ib._launch, sentences)
@@ -81,16 +85,18 @@ def warm(worker: int, sentences: tuple[int, ...], device: str = "cuda") -> str:
     for name in MODELS:
         model = create_model(name, depth=2, img_size=64, num_classes=10).to(device)
         x = torch.randn(5, 3, 64, 64, device=device)
-        for _, context, train in modes(name):
+        for label, context, train in modes(name):
+            if label not in kept:
+                continue
             with context:
                 if train:
                     model.train()(x).float().mean().backward()
                 else:
                     with torch.inference_mode():
                         model.eval()(x)
-        bf16 = model.bfloat16().eval()  # the GPU tests' 16-bit weights
-        with torch.inference_mode():
-            bf16(x.bfloat16())
+        if "bf16-weights" in kept:  # the GPU tests' 16-bit weights
+            with torch.inference_mode():
+                model.bfloat16().eval()(x.bfloat16())
     checked = sum(ok for ok in ib._CHECKED.values())
     return f"worker {worker}: {checked}/{len(ib._CHECKED)} kernels checked, {time.perf_counter() - start:.0f} s"
 
@@ -99,11 +105,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=max(map(len, (ib.CONFIGS, ib.EXACT_CONFIGS))))
     p.add_argument("--sentences", type=int, nargs="*", default=list(SENTENCES), help="counts each launch replays")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1")
     args = p.parse_args()
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        jobs = [pool.submit(warm, w, tuple(args.sentences), args.device) for w in range(args.workers)]
+        options = (tuple(args.sentences), tuple(args.modes), args.device)
+        jobs = [pool.submit(warm, w, *options) for w in range(args.workers)]
         for job in jobs:
             print(job.result(), flush=True)
     print(f"warm in {time.perf_counter() - start:.0f} s", flush=True)
