@@ -64,6 +64,8 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     step 300 120 python3 -m pytest -v -p no:cacheprovider $parallel --runxfail tests/test_kernels.py -k "$TESTS"
     echo "== waiting for the compile warm-up"; wait $warm; cat "$OUT/warm.txt"
+    # the backward's configurations at TNT-Ti's and TNT-B's shapes, each alone (see verified_backward)
+    step 150 60 python3 benchmarks/gpu_backward_configs.py --models tnt_ti_patch16_224 tnt_b_patch16_224
     step 150 60 $table --models tnt_s_patch16_224 --settings bf16-train --out "$RES/train"
     step 150 50 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-train --out "$RES/tib"
     step 150 50 python3 benchmarks/gpu_inner_block.py --batch 256 --dtypes bf16 --out "$RES/gpu_inner_block.json"

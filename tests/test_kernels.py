@@ -524,6 +524,18 @@ def test_the_autotuner_tries_only_configurations_holding_whole_sentences() -> No
 
 
 @needs_triton
+def test_the_backward_autotuner_keeps_the_smallest_tile_away_from_tnt_s_shape() -> None:
+    """Only TNT-S's padded width (32 columns) has run every backward configuration right on a GPU."""
+    configs = triton_block.BACKWARD["bf16"].configs
+    assert triton_block.verified_backward(configs, {}, M_PAD=16, C_PAD=32) == configs
+    for c_pad in (16, 64):  # TNT-Ti, TNT-B
+        (kept,) = triton_block.verified_backward(configs, {}, M_PAD=16, C_PAD=c_pad)
+        assert (kept.kwargs["ROWS"], kept.num_warps) == (32, 4)
+    (kept,) = triton_block.verified_backward(triton_block.BACKWARD["ieee"].configs, {}, M_PAD=16, C_PAD=64)
+    assert (kept.kwargs["ROWS"], kept.num_warps) == (16, 4)
+
+
+@needs_triton
 def test_triton_compiles_both_kernels_for_a_hopper_gpu_without_one() -> None:
     """Triton's own compiler and ptxas (which the interpreter never runs) accept the kernels for sm_90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT / "src")}
