@@ -27,7 +27,9 @@ _DIR = Path(__file__).parent
 SOURCES = ("cpu_kernels.cpp", "word_attention.cpp", "rows.cpp")  # and the headers they include
 HEADERS = ("cpu_kernels.h", "lanes.h")
 # No -ffast-math: NaN and infinity keep their meaning; reassociation lets the compiler vectorise the reductions.
+# C++20 (std::bit_cast): torch's extensions build as C++20 from 2.14 on, as C++17 before; the later flag wins.
 _CFLAGS = [
+    "-std=c++20",
     "-O3",
     "-fopenmp",
     "-march=native",
