@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one run, most important first, within a time budget (seconds, default 400):
 # Triton's kernels compiled for every autotuner configuration in parallel (`gpu_warm_cache.py`, in the background)
-# while every GPU test runs (pytest-xdist, the known compiled-model failure shown in full), then the fused block's
-# training step (speed and memory), the block alone, the rest of the README's GPU table (TNT-Ti/B, TNT-S eager and
-# compiled inference), where inference time goes (operators by device time).
+# while every GPU test runs (pytest-xdist), then the backward's tiles at TNT-Ti/B's shapes each alone, the fused
+# block's training step (speed and memory), the block alone, the rest of the README's GPU table (TNT-Ti/B, TNT-S
+# eager and compiled inference), where inference time goes (operators by device time).
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #     FROM=5 OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400   # a second call: steps 5 onwards
-#     STEPS="1 2 6" TESTS="gpu and training" WARM="bf16" OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 300
+#     STEPS="1 3 7" TESTS="gpu and training" WARM="bf16" OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 300
 #
 # STEPS: the step numbers to run (default all from FROM); TESTS: the GPU tests' -k expression (default "gpu");
 # WARM: the modes the compile warm-up covers (default all, see gpu_warm_cache.py --modes).
@@ -59,8 +59,7 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     python3 benchmarks/gpu_warm_cache.py ${WARM:+--modes $WARM} > "$OUT/warm.txt" 2>&1 &
     warm=$!
     table="python3 benchmarks/perf_table.py --device cuda --batch 256 --runs 10 --warmup 3"
-    # -v: a line per test, even if cut; --runxfail: the known compiled-model failure in full (is the operator in
-    # Dynamo's graph, and does Inductor launch it?)
+    # -v: a line per test, even if cut; --runxfail: an expected failure in full
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     step 300 120 python3 -m pytest -v -p no:cacheprovider $parallel --runxfail tests/test_kernels.py -k "$TESTS"
     echo "== waiting for the compile warm-up"; wait $warm; cat "$OUT/warm.txt"

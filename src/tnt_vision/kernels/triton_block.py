@@ -56,10 +56,11 @@ if triton is not None:
 
     @triton.jit
     def _round_mantissa(x, DROP: tl.constexpr):
-        """fp32 rounded to nearest (ties to even) with its DROP lowest bits zero (16: bf16, 13: TF32), in fp32."""
+        """fp32 rounded to nearest (ties to even) with its DROP lowest bits zero (16: bf16, 13: TF32), in fp32; NaN
+        stays NaN (the carry could run a large payload into the sign bit)."""
         bits = x.to(tl.uint32, bitcast=True)
         bits = ((bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) >> DROP) << DROP
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
 
     @triton.jit
     def _round_bf16(x):
