@@ -23,21 +23,10 @@ from unittest import mock
 import torch
 
 from tnt_vision import kernels
-from tnt_vision.bench import (
-    BenchConfig,
-    ab_parser,
-    build_module,
-    cpu_name,
-    inference_step,
-    interleaved_times,
-    make_inputs,
-    set_threads,
-    train_step,
-    within,
-)
+from tnt_vision.bench import ab_parser, build_module, cpu_name, model_ab_times, set_threads
 from tnt_vision.kernels import emulated_bf16, onednn
-from tnt_vision.models import create_model, tnt
 from tnt_vision.models import layers as tnt_layers
+from tnt_vision.models import tnt
 
 
 def fp32_word_attention_only(qkv: torch.Tensor, tokens: int, head_dim: int) -> bool:
@@ -75,15 +64,8 @@ def main() -> None:
     threads = set_threads(args.threads)
     if not emulated_bf16.bf16_hardware():
         raise SystemExit("this CPU has no bf16 products: bf16 autocast takes the emulated path (rows_ab.py)")
-    cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train, dtype="bf16")
-    make_step = train_step if args.train else inference_step
-    ours = make_step(create_model(args.model), cfg)
-    steps = {
-        "tnt-vision": ours,
-        "previous": within(ours, previous_bf16_path),
-        "timm": make_step(build_module("timm", args.model, 224), cfg),
-    }
-    times = interleaved_times(steps, make_inputs(cfg, args.batch), cfg)
+    variants = {"tnt-vision": None, "previous": previous_bf16_path}
+    times = model_ab_times(args, variants, "bf16", others={"timm": build_module("timm", args.model, 224)})
     what = "training step" if args.train else "inference"
     print(
         f"{args.model} {what}, batch {args.batch}, bf16 autocast, {threads} threads, {cpu_name()}, "

@@ -59,10 +59,13 @@ def launch(arguments: tuple[Any, ...], sanitizer: bool) -> str:
     if sanitizer:
         command = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "3", *command]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    lines = (done.stdout + done.stderr).splitlines()
-    found = [line for line in lines if "Error" in line or "error" in line or "Invalid" in line]
-    summary = (found or lines[-1:] or ["no output"])[0].strip()
-    return f"{'ok' if done.returncode == 0 else 'FAILED'} {' '.join(map(str, arguments))}: {summary[:200]}"
+    if done.returncode == 0:  # the case's own line
+        summary, verdict = done.stdout.strip().splitlines()[-1], "ok"
+    else:  # the first line naming the fault (a Python error, or memcheck's "Invalid ... access")
+        lines = (done.stdout + done.stderr).splitlines()
+        faults = [line for line in lines if "Error" in line or "Invalid" in line]
+        summary, verdict = (faults or lines[-1:] or ["no output"])[0].strip(), "FAILED"
+    return f"{verdict} {' '.join(map(str, arguments))}: {summary[:200]}"
 
 
 def main() -> None:

@@ -24,18 +24,7 @@ from unittest import mock
 import torch
 
 from tnt_vision import kernels
-from tnt_vision.bench import (
-    BenchConfig,
-    ab_parser,
-    cpu_name,
-    inference_step,
-    interleaved_times,
-    make_inputs,
-    set_threads,
-    train_step,
-    within,
-)
-from tnt_vision.models import create_model
+from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
 
 Call = Callable[[ModuleType], object]
 
@@ -62,26 +51,21 @@ def operator_calls(dtype: torch.dtype) -> dict[str, Call]:
 
 
 def operators(builds: dict[str, ModuleType], dtype: torch.dtype, rounds: int) -> None:
-    cfg = BenchConfig(model="operators", runs=rounds, warmup=1)
     for what, call in operator_calls(dtype).items():
         results = [call(module) for module in builds.values()]
         for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in results), strict=True):
             torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
-        steps = {name: (lambda _, m=module, c=call: c(m)) for name, module in builds.items()}
-        ms = {name: statistics.median(t) * 1e3 for name, t in interleaved_times(steps, [torch.empty(1)], cfg).items()}
+        ms = operator_medians_ms({name: (lambda m=module, c=call: c(m)) for name, module in builds.items()}, rounds)
         print(f"  {what}: " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
 
 
 def model_step(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
-    cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train, dtype=args.dtype)
-    step = (train_step if args.train else inference_step)(create_model(args.model), cfg)
-
     def eight_lanes() -> ModuleType:  # a plain function: a Mock would keep every tensor it is called with
         return builds["8 lanes"]
 
-    with_8_lanes = within(step, lambda: mock.patch.object(kernels, "cpu_kernels", eight_lanes))
-    times = interleaved_times({"16 lanes": step, "8 lanes": with_8_lanes}, make_inputs(cfg, args.batch), cfg)
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    swapped = {"16 lanes": None, "8 lanes": lambda: mock.patch.object(kernels, "cpu_kernels", eight_lanes)}
+    times = model_ab_times(args, swapped, args.dtype)
+    ms = medians_ms(times)
     paired = statistics.median(a / b for a, b in zip(times["8 lanes"], times["16 lanes"], strict=True))
     what = "training step" if args.train else "inference"
     print(

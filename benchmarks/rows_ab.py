@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from unittest import mock
 
@@ -24,19 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tnt_vision import kernels
-from tnt_vision.bench import (
-    BenchConfig,
-    ab_parser,
-    cpu_name,
-    inference_step,
-    interleaved_times,
-    make_inputs,
-    set_threads,
-    train_step,
-    within,
-)
+from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
 from tnt_vision.kernels import emulated_bf16
-from tnt_vision.models import create_model
 from tnt_vision.models import layers as tnt_layers
 
 
@@ -57,13 +45,6 @@ def aten_rows() -> Iterator[None]:
             stack.enter_context(mock.patch.object(module, "narrow_layer_norm_applies", never))
         stack.enter_context(mock.patch.object(emulated_bf16, "gelu_backward_and_value", aten_gelu_backward_and_value))
         yield
-
-
-def median_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Medians of the calls alternating (`bench.interleaved_times`: a warm-up call each, order rotated)."""
-    steps = {name: (lambda _, call=call: call()) for name, call in calls.items()}
-    times = interleaved_times(steps, [torch.empty(1)], BenchConfig(model="operators", runs=rounds, warmup=1))
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def operators(rounds: int) -> None:
@@ -102,10 +83,10 @@ def checked_ms(
     rounds: int,
     atol: float = 1e-5,
 ) -> dict[str, float]:
-    """The two calls' medians (`median_ms`), after checking that they give the same tensors."""
+    """The two calls' medians (`operator_medians_ms`), after checking that they give the same tensors."""
     for a, b in zip(kernel(), aten(), strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
-    return median_ms({"kernel": kernel, "aten": aten}, rounds)
+    return operator_medians_ms({"kernel": kernel, "aten": aten}, rounds)
 
 
 def gelu_ms(rows: int, width: int, rounds: int) -> dict[str, float]:
@@ -119,11 +100,7 @@ def gelu_ms(rows: int, width: int, rounds: int) -> dict[str, float]:
 
 
 def model_steps(args: argparse.Namespace) -> None:
-    cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train)
-    model = create_model(args.model)
-    step = train_step(model, cfg) if args.train else inference_step(model, cfg)
-    times = interleaved_times({"kernels": step, "aten": within(step, aten_rows)}, make_inputs(cfg, args.batch), cfg)
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    ms = medians_ms(model_ab_times(args, {"kernels": None, "aten": aten_rows}))
     what = "training step" if args.train else "inference"
     print(
         f"{args.model} {what}, batch {args.batch}, fp32: with the kernels {ms['kernels']:.0f} ms, without "

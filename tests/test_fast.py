@@ -26,7 +26,9 @@ from tnt_vision.bench import (
     baseline_memory_mib,
     build_step,
     make_inputs,
+    model_ab_times,
     onnxruntime_options,
+    operator_medians_ms,
     peak_memory_mib,
     timm_equivalent,
     within,
@@ -541,6 +543,28 @@ def test_ab_scripts_share_a_command_line_and_run_a_contender_within_its_context(
     variant = within(lambda x: x * 2, stepped_aside)
     assert [variant(torch.tensor(1.0)).item(), variant(torch.tensor(2.0)).item()] == [2.0, 4.0]
     assert entered == [True, True]  # a fresh context at every call
+
+
+def test_ab_scripts_time_operators_and_the_whole_model_alternating() -> None:
+    """`bench.operator_medians_ms` and `bench.model_ab_times`: every contender timed each round, the variant's
+    context entered at each of its calls (`BenchConfig`'s two warm-up calls, then the rounds)."""
+    calls: list[str] = []
+    ms = operator_medians_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert set(ms) == {"a", "b"}
+    assert all(t >= 0 for t in ms.values())
+    assert calls.count("a") == calls.count("b") == 4  # one warm-up call, three rounds
+    entered: list[bool] = []
+
+    @contextlib.contextmanager
+    def stepped_aside() -> Iterator[None]:
+        entered.append(True)
+        yield
+
+    args = ab_parser("an A/B script", rounds=2).parse_args(["--model", "tnt_ti_patch16_224", "--batch", "1"])
+    times = model_ab_times(args, {"as is": None, "aside": stepped_aside}, others={"other": torch.nn.Identity()})
+    assert set(times) == {"as is", "aside", "other"}
+    assert all(len(t) == 2 for t in times.values())
+    assert len(entered) == 4
 
 
 def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -298,6 +298,34 @@ def within(step: Step, context: Callable[[], AbstractContextManager[Any]]) -> St
     return run
 
 
+def model_ab_times(
+    args: argparse.Namespace,
+    variants: dict[str, Callable[[], AbstractContextManager[Any]] | None],
+    dtype: str = "fp32",
+    others: dict[str, nn.Module] | None = None,
+) -> dict[str, list[float]]:
+    """An A/B script's whole-model rounds (`ab_parser`'s model, batch, rounds, --train): one model of ours run as
+    it is (a variant of None) and inside each variant's context (`within`), beside `others`' modules, alternating
+    (`interleaved_times`); seconds per call, by contender."""
+    cfg = BenchConfig(model=args.model, batch=args.batch, runs=args.rounds, train=args.train, dtype=dtype)
+    make_step = train_step if args.train else inference_step
+    ours = make_step(create_model(args.model), cfg)
+    steps = {name: ours if context is None else within(ours, context) for name, context in variants.items()}
+    steps |= {name: make_step(module, cfg) for name, module in (others or {}).items()}
+    return interleaved_times(steps, make_inputs(cfg, args.batch), cfg)
+
+
+def operator_medians_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median milliseconds of argument-free calls alternating (`interleaved_times`: a warm-up call each, the order
+    rotated every round)."""
+    steps = {name: (lambda _, call=call: call()) for name, call in calls.items()}
+    return medians_ms(interleaved_times(steps, [torch.empty(1)], BenchConfig(model="operators", runs=rounds, warmup=1)))
+
+
+def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def ab_parser(doc: str, rounds: int, train: bool = True) -> argparse.ArgumentParser:
     """The command line `benchmarks/`' A/B scripts share: --model, --batch, --rounds (this many by default),
     --threads (0: torch's default, see `set_threads`) and, with `train`, --train; a script adds its own."""
