@@ -378,9 +378,10 @@ if triton is not None:
 
     def verified_backward(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
         """`whole_sentences`, and only the smallest tile for shapes other than TNT-S's (C_PAD 32): on an H100
-        (torch 2.11, triton 3.6) the backward with 64 or more rows per program met an illegal memory access and
-        NaNs at TNT-Ti's or TNT-B's shape, cause not found (`benchmarks/gpu_backward_configs.py` runs each alone);
-        every configuration passed at TNT-S's, the smallest at all three."""
+        (torch 2.11, triton 3.6) the backward with 64 or more rows per program met an illegal memory access (in
+        the autotuner's timing runs) and NaNs at TNT-Ti's or TNT-B's shape, cause not found; every configuration
+        passed at TNT-S's, the smallest at all three. On a second H100 every configuration ran right alone at all
+        three shapes (`benchmarks/gpu_backward_configs.py`, memcheck clean), so the fault needs what alone lacks."""
         kept = whole_sentences(configs, named_args, **kwargs)
         if kwargs["C_PAD"] == VERIFIED_C_PAD:
             return kept
