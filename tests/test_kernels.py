@@ -25,6 +25,7 @@ import triton_interpreter_worker
 from helpers import forward_backward
 from tnt_vision import kernels
 from tnt_vision.kernels import cpu_kernels, emulated_bf16, inner_block, triton_block, word_attention
+from tnt_vision.kernels import onednn as onednn_module
 from tnt_vision.models import create_model, tnt
 from tnt_vision.models import layers as tnt_layers
 from tnt_vision.models.layers import Attention, fused_attention
@@ -292,6 +293,13 @@ def test_the_8_lane_build_computes_what_the_16_lane_build_does() -> None:
         _, mean, rstd = torch.native_layer_norm(x, [width], weight, bias, 1e-5)
         same("layer_norm_backward", (torch.randn_like(x), x, mean, rstd, weight), fp32)
         same("layer_norm_backward", (torch.randn_like(x).bfloat16(), x, mean, rstd, weight), fp32)
+        x3 = x.view(7, 43, width)
+        for y in (torch.randn_like(x3), torch.randn_like(x3).bfloat16()):  # the sum written, the norm returned
+            sums = [torch.empty_like(x3) for _ in range(2)]
+            builds = zip((native, narrow), sums, strict=True)
+            normed = [module.add_rows(x3, y, out, weight, bias, 1e-5, True) for module, out in builds]
+            torch.testing.assert_close(*sums, atol=0, rtol=0)
+            torch.testing.assert_close(*normed, **one_step)
 
 
 @needs_kernels
@@ -321,6 +329,84 @@ def test_layer_norm_for_a_bf16_linear_is_rounded_as_it_is_written(width: int, mo
             assert norm.for_linear(x).dtype == torch.float32
             monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: False)
             assert tnt_layers.LayerNorm(width).for_linear(x).dtype == torch.float32
+
+
+@needs_kernels
+@pytest.mark.parametrize("width", [7, 24, 384])
+@pytest.mark.parametrize("branch", [torch.float32, torch.bfloat16], ids=["fp32_branch", "bf16_branch"])
+def test_residual_add_and_its_norm_match_aten(width: int, branch: torch.dtype) -> None:
+    """`residual_add`: x + y exactly as ATen adds an fp32 stream and an fp32 or bf16 branch, written into a fresh
+    tensor, x itself, or a slice of a larger tensor; the norm after it as LayerNorm computes it (within one bf16
+    step when rounded to bf16, the fp32 values can differ in their last bits: the order of a row's sums)."""
+    norm = torch.nn.LayerNorm(width)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x, y = torch.randn(5, 37, width) * 3 + 1, torch.randn(5, 37, width).to(branch)
+    with torch.no_grad():
+        expected = x + y
+        assert kernels.residual_add_applies(x, y)
+        total, normed = kernels.residual_add(x, y)
+        assert normed is None
+        assert total.data_ptr() != x.data_ptr()
+        torch.testing.assert_close(total, expected, atol=0, rtol=0)
+        for bf16_output in (False, True):
+            total, normed = kernels.residual_add(x, y, norm=norm, bf16_output=bf16_output)
+            torch.testing.assert_close(total, expected, atol=0, rtol=0)
+            want = norm(expected)
+            if bf16_output:
+                assert normed.dtype == torch.bfloat16
+                # atol: an output near zero is a cancellation (weight * x_hat + bias), its last bits are noise
+                torch.testing.assert_close(normed, want.bfloat16(), atol=1e-5, rtol=2**-7)
+            else:
+                torch.testing.assert_close(normed, want, atol=1e-5, rtol=1e-5)
+        stream = x.clone()
+        assert kernels.residual_add(stream, y, out=stream)[0] is stream
+        torch.testing.assert_close(stream, expected, atol=0, rtol=0)
+        # into the patches' rows of a (5, 1 + 37, width) tensor, from the patches' rows of another: strided rows
+        sentences = torch.randn(5, 38, width)
+        patches = sentences[:, 1:]
+        out = torch.full_like(sentences, float("nan"))
+        kernels.residual_add(patches, y, out=out[:, 1:])
+        torch.testing.assert_close(out[:, 1:], patches + y, atol=0, rtol=0)
+        assert out[:, 0].isnan().all()  # the class token's rows untouched
+        # what the kernel does not take: other shapes, dtypes, rows that are not contiguous, recorded gradients
+        assert not kernels.residual_add_applies(x, y[:, :1])
+        assert not kernels.residual_add_applies(x.double(), y)
+        assert not kernels.residual_add_applies(x.transpose(1, 2), y.transpose(1, 2))
+        assert not kernels.residual_add_applies(x.bfloat16(), y)
+    assert not kernels.residual_add_applies(x.requires_grad_(), y)
+
+
+@needs_kernels
+def test_fused_residual_adds_leave_the_block_input_and_intermediates_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under bf16 autocast inference the blocks update their own sums in place (`onednn_forward`) and the TNT block
+    adds the words' update into a fresh tensor (`add_to_patches`): no caller's tensor changes, and the model
+    computes what the plain path computes (within bf16 rounding)."""
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    used: list[str] = []
+    original = kernels.residual_add
+    for module in (tnt_layers, tnt, onednn_module):
+        monkeypatch.setattr(module, "residual_add", lambda *a, **k: used.append("add") or original(*a, **k))
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        block = model.blocks[0].outer
+        x = torch.randn(2, 5, 384)
+        before = x.clone()
+        block(x)
+        torch.testing.assert_close(x, before, atol=0, rtol=0)
+        # the first block's map (a view of its output) as the whole run leaves it, and from a run that stops there
+        _, maps = model.forward_intermediates(images)
+        first = model.forward_intermediates(images, indices=[0], intermediates_only=True)[0]
+        torch.testing.assert_close(maps[0], first, atol=0, rtol=0)
+        fast = model(images).float()
+        with fused_attention(False):
+            plain = model(images).float()
+    assert len(used) >= 2 * (3 + 3)  # per block: inner and outer, the norm's, the in-place one; the patches'
+    assert (fast - plain).abs().max() <= 3e-2 * plain.abs().max()
 
 
 def attention_calls(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -220,6 +220,44 @@ def gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.
     return torch.ops.aten.gelu_backward(grad, x), torch.nn.functional.gelu(x)
 
 
+def residual_add_applies(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether `residual_add` takes x + y: an fp32 CPU stream x and a branch y of its shape, fp32 or bf16 (a bf16
+    linear layer's output), each with contiguous rows, where no gradient is recorded, outside graph capture."""
+    if not (cpu_fp32(x) and y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16)):
+        return False
+    if x.shape != y.shape or x.ndim == 0 or _rows_view(x) is None or _rows_view(y) is None:
+        return False
+    return not grad_recorded((x, y)) and not capturing_graph() and kernels_available()
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
+    """t as the kernel's (a, b, n) rows: itself when 3-d with contiguous rows, flattened when contiguous."""
+    if t.ndim == 3 and t.stride(-1) == 1:
+        return t
+    return t.view(1, -1, t.shape[-1]) if t.is_contiguous() else None
+
+
+def residual_add(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor | None = None,
+    norm: torch.nn.LayerNorm | None = None,
+    bf16_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x + y, the LayerNorm `norm` of it or None) by the compiled kernel; call where `residual_add_applies`.
+
+    The sum goes into `out` (x itself for an in-place update, a slice of a larger tensor, or a fresh tensor when
+    None), read from y as it is (a bf16 branch without ATen's widened temporary); the norm (fp32 weight and bias,
+    one dimension) reads each row of the sum while it is in L1, its output rounded to bf16 with `bf16_output`.
+    The same values as `x + y` and `norm(x + y)` (`.to(torch.bfloat16)`)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    weight, bias = (None, None) if norm is None else (norm.weight, norm.bias)
+    eps = 0.0 if norm is None else norm.eps
+    with torch.profiler.record_function("tnt_vision::residual_add"):
+        normed = _kernels().add_rows(_rows_view(x), _rows_view(y), _rows_view(out), weight, bias, eps, bf16_output)
+    return out, None if normed is None else normed.view(x.shape)
+
+
 def gelu_applies(*tensors: torch.Tensor) -> bool:
     """Whether the GELU kernels take these tensors: contiguous fp32 or bf16 CPU ones, no gradient recorded for
     them, outside graph capture."""

@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "word attention backward (CPU, fp32 or bf16)");
   module.def("layer_norm", &tnt_vision::layer_norm,
              "LayerNorm over the last dimension (CPU, fp32; output fp32 or bf16)");
+  module.def("add_rows", &tnt_vision::add_rows,
+             "residual add over rows, optionally followed by LayerNorm (CPU, fp32 stream, fp32 or bf16 branch)");
   module.def("layer_norm_backward", &tnt_vision::layer_norm_backward,
              "LayerNorm backward (CPU, fp32; the gradient also bf16)");
   module.def("gelu_backward_and_value", &tnt_vision::gelu_backward_and_value,

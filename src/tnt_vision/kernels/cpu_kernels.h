@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace tnt_vision {
@@ -27,6 +28,12 @@ at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor&
 // the output in fp32 or, with bf16_output, rounded to bf16 (what a bf16 linear layer after it takes).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
                                                           const at::Tensor& bias, double eps, bool bf16_output);
+// rows.cpp: out = x + y (x and out fp32, y fp32 or bf16; 3-d tensors of one shape whose rows are contiguous, any
+// strides between them; out may be x); with weight and bias defined, returns the LayerNorm of the sum (a fresh
+// contiguous tensor, fp32 or, with bf16_output, bf16), else an undefined tensor (None).
+at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
+                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+                    bool bf16_output);
 // rows.cpp: LayerNorm's backward from its output's gradient, input, mean and 1/std: the gradients of the input,
 // the weight and the bias (the gradient fp32 or bf16; rows of any width).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ENV_SWITCH, capturing_graph, switched_on
+from . import ENV_SWITCH, capturing_graph, residual_add, residual_add_applies, switched_on
 from .emulated_bf16 import BF16, native_bf16_autocast
 
 # oneDNN's exact GELU as the GEMM's epilogue against ATen's GELU in place on the output: on the AVX2 development
@@ -103,10 +103,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
 
 
 def linear_add(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, in_place: bool = False
 ) -> torch.Tensor:
     """`residual + F.linear(x, weight, bias)` in one oneDNN call; in two steps for a residual that is not contiguous
-    and under autocast (a bf16 product added to the fp32 residual stream)."""
-    if not residual.is_contiguous() or torch.is_autocast_enabled("cpu"):
+    and under autocast (a bf16 product added to the fp32 residual stream: by `residual_add`, into `residual` itself
+    with `in_place`, which the caller allows only for a tensor it owns)."""
+    if torch.is_autocast_enabled("cpu"):
+        branch = linear(x, weight, bias)
+        if residual_add_applies(residual, branch):
+            return residual_add(residual, branch, out=residual if in_place else None)[0]
+        return residual + branch
+    if not residual.is_contiguous():
         return residual + linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed(weight, _rows(x)), bias, "add")

@@ -6,6 +6,10 @@
 //   ATen's at 384 too) and a bf16 gradient as it is (as a bf16 linear layer's backward gives it). The forward can
 //   also write its output rounded to bf16, at any row width, for a bf16 linear layer after it (bf16 autocast on
 //   bf16 hardware).
+// - The residual stream's update x + y (x fp32, the branch y fp32 or bf16 as a bf16 linear layer gives it) into a
+//   given output (x itself, a fresh tensor, or part of a larger one), optionally followed by the LayerNorm of the
+//   sum while its row is in L1: ATen's mixed-dtype add first copies y to a widened temporary, then writes a fresh
+//   sum that the LayerNorm reads again.
 // - The exact GELU's backward fused with its value. A lean MLP keeps only the GELU's input h and needs, in its
 //   backward pass, both gelu(h) (for fc2's weight gradient) and grad * gelu'(h): one pass over h and grad instead
 //   of two (ATen's GELU and GELU-backward each evaluate erf), with Phi and phi from one exponential. fp32, or bf16
@@ -16,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -141,6 +146,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, c
   else
     normalize(out.data_ptr<float>());
   return {out, mean, rstd};
+}
+
+at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
+                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+                    bool bf16_output) {
+  for (const at::Tensor* t : {&x, &y, static_cast<const at::Tensor*>(&out)}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->stride(2) == 1,
+                "residual add: expected 3-d CPU tensors with contiguous rows");
+    TORCH_CHECK(t->sizes() == x.sizes(), "residual add: shapes ", x.sizes(), ", ", y.sizes(), ", ", out.sizes());
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "residual add: expected float32 x");
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "residual add: y float32 or bf16");
+  const bool norm = weight.has_value() && bias.has_value();
+  const int64_t n = x.size(2), inner = x.size(1), rows = x.size(0) * inner;
+  if (norm) {
+    check_input(*weight, "residual add's layer norm weight");
+    check_input(*bias, "residual add's layer norm bias");
+    TORCH_CHECK(weight->numel() == n && bias->numel() == n, "residual add: weight and bias must have ", n, " values");
+  }
+  at::Tensor normed;
+  if (norm) normed = at::empty(x.sizes(), x.options().dtype(bf16_output ? at::kBFloat16 : at::kFloat));
+  // the row r = (i, j) of a (a, b, n) tensor t
+  const auto row = [&](const at::Tensor& t, auto* data, int64_t r) {
+    return data + r / inner * t.stride(0) + r % inner * t.stride(1);
+  };
+  const float* src = x.data_ptr<float>();
+  float* sums = out.data_ptr<float>();
+  const float inv_n = 1.0f / static_cast<float>(n), epsilon = static_cast<float>(eps);
+  with_element_type(y, [&](const auto* branch) {
+    const auto run = [&](auto dst) {
+      at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* a = row(x, src, r);
+          const auto* b = row(y, branch, r);
+          float* s = row(out, sums, r);
+          for_each_chunk(n, [&](int64_t c, auto k) { store(s + c, load(a + c, k) + load(b + c, k), k); });
+          if constexpr (!std::is_same_v<decltype(dst), std::nullptr_t>) {
+            // the sum's row is in L1: two passes, as layer_norm
+            const float mu = row_sum(n, [&](int64_t c, auto k) { return load(s + c, k); }) * inv_n;
+            const float var = row_sum(n, [&](int64_t c, auto k) {
+              const Lanes d = only_first(k, load(s + c, k) - mu);
+              return d * d;
+            });
+            const float rs = 1.0f / std::sqrt(var * inv_n + epsilon);
+            const float *w = weight->data_ptr<float>(), *bb = bias->data_ptr<float>();
+            for_each_chunk(n, [&](int64_t c, auto k) {
+              store(dst + r * n + c, (load(s + c, k) - mu) * rs * load(w + c, k) + load(bb + c, k), k);
+            });
+          }
+        }
+      });
+    };
+    if (!norm)
+      run(nullptr);
+    else if (bf16_output)
+      run(normed.data_ptr<at::BFloat16>());
+    else
+      run(normed.data_ptr<float>());
+  });
+  return normed;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,

@@ -14,11 +14,14 @@ from torch import nn
 
 from ..kernels import (
     capturing_graph,
+    cpu_fp32,
     exporting_graph,
     grad_recorded,
     narrow_layer_norm,
     narrow_layer_norm_applies,
     onednn,
+    residual_add,
+    residual_add_applies,
     word_attention,
     word_attention_applies,
 )
@@ -97,6 +100,19 @@ class LayerNorm(nn.LayerNorm):
         if not narrow_layer_norm_applies(x, list(self.normalized_shape), self.weight, self.bias, widest=math.inf):
             return self(x)
         return narrow_layer_norm(x, self.weight, self.bias, self.eps, bf16_output=True)[0]
+
+    def add_for_linear(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, `for_linear` of it): a residual update and the norm after it. Under bf16 autocast on a CPU with
+        bf16 products (inference, no hook) in one pass of the compiled kernel over each row (`residual_add`),
+        which also reads a bf16 y as it is; the sum is a fresh tensor either way."""
+        hooked = self._forward_hooks or self._forward_pre_hooks
+        fast = not hooked and fused_attention_enabled() and native_bf16_autocast(x) and len(self.normalized_shape) == 1
+        if fast and residual_add_applies(x, y) and cpu_fp32(self.weight) and cpu_fp32(self.bias):
+            total, normed = residual_add(x, y, norm=self, bf16_output=True)
+            assert normed is not None
+            return total, normed
+        total = x + y
+        return total, self.for_linear(total)
 
 
 class Attention(nn.Module):
@@ -336,11 +352,21 @@ class TransformerBlock(nn.Module):
 
     def onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
         """`plain_forward` in inference with the bias, the GELU and (in fp32) both residual additions done by
-        oneDNN; under bf16 autocast the norms write bf16 for the layers after them (`LayerNorm.for_linear`)."""
+        oneDNN; under bf16 autocast the norms write bf16 for the layers after them (`LayerNorm.for_linear`), and
+        the first residual addition is fused with the second norm, the second done in place (`residual_add`)."""
         attn, mlp = self.attn, self.mlp
-        x = onednn.linear_add(attn.mix(attn.qkv(self.norm1.for_linear(x))), attn.proj.weight, attn.proj.bias, x)
-        hidden = onednn.linear(self.norm2.for_linear(x), mlp.fc1.weight, mlp.fc1.bias, gelu=True)
-        return onednn.linear_add(hidden, mlp.fc2.weight, mlp.fc2.bias, x)
+        mixed = attn.mix(attn.qkv(self.norm1.for_linear(x)))
+        x, normed = self.attention_residual(x, mixed)
+        hidden = onednn.linear(normed, mlp.fc1.weight, mlp.fc1.bias, gelu=True)
+        return onednn.linear_add(hidden, mlp.fc2.weight, mlp.fc2.bias, x, in_place=True)  # x: the block's own
+
+    def attention_residual(self, x: torch.Tensor, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + proj(mixed), its second norm for the MLP) in inference (`onednn_forward`): a fresh sum."""
+        proj = self.attn.proj
+        if torch.is_autocast_enabled("cpu"):  # a bf16 branch: added and normed in one pass where the kernel applies
+            return self.norm2.add_for_linear(x, onednn.linear(mixed, proj.weight, proj.bias))
+        x = onednn.linear_add(mixed, proj.weight, proj.bias, x)
+        return x, self.norm2.for_linear(x)
 
     def add_mlp(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The residual update by the MLP's output y (and the SE module's)."""

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..kernels import exporting_graph, onednn
+from ..kernels import exporting_graph, onednn, residual_add, residual_add_applies
 from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear, native_bf16_autocast
 from .layers import LayerNorm, Linear, TransformerBlock, fused_attention_enabled, lean_path
 
@@ -210,10 +210,22 @@ class TNTBlock(nn.Module):
     def forward(self, words: torch.Tensor | None, sentences: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         if self.inner is not None and self.word_proj is not None and words is not None:
             words = self.inner(words)  # (B*N, m, c)
-            update = self.word_proj(words, sentences.shape[0])  # (B, N, d)
-            cls, patches = sentences.split([1, update.shape[1]], dim=1)  # (see run_block on split vs slicing)
-            sentences = torch.cat([cls, patches + update], dim=1)
+            sentences = add_to_patches(sentences, self.word_proj(words, sentences.shape[0]))
         return words, self.outer(sentences)
+
+
+def add_to_patches(sentences: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The sentences (B, 1+N, d) with the words' update (B, N, d) added to the patches' tokens, a fresh tensor.
+
+    In inference on the CPU the compiled kernel adds them straight into the new tensor (`residual_add`; a bf16
+    update read as it is), where `cat` would copy the sum once more."""
+    cls, patches = sentences.split([1, update.shape[1]], dim=1)  # (see run_block on split vs slicing)
+    if not (fused_attention_enabled() and residual_add_applies(patches, update)):
+        return torch.cat([cls, patches + update], dim=1)
+    out = torch.empty_like(sentences, memory_format=torch.contiguous_format)
+    out[:, :1] = cls
+    residual_add(patches, update, out=out[:, 1:])
+    return out
 
 
 class TNT(nn.Module):
