@@ -167,34 +167,45 @@ at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
   }
   at::Tensor normed;
   if (norm) normed = at::empty(x.sizes(), x.options().dtype(bf16_output ? at::kBFloat16 : at::kFloat));
-  // the row r = (i, j) of a (a, b, n) tensor t
-  const auto row = [&](const at::Tensor& t, auto* data, int64_t r) {
-    return data + r / inner * t.stride(0) + r % inner * t.stride(1);
+  // the offset of row (i, j) of a (a, b, n) tensor
+  const auto offset = [](const at::Tensor& t) {
+    return [s0 = t.stride(0), s1 = t.stride(1)](int64_t i, int64_t j) { return i * s0 + j * s1; };
   };
+  const auto x_at = offset(x), y_at = offset(y), out_at = offset(out);
   const float* src = x.data_ptr<float>();
   float* sums = out.data_ptr<float>();
   const float inv_n = 1.0f / static_cast<float>(n), epsilon = static_cast<float>(eps);
+  // LayerNorm of one row of the sum, read by sum_at(c, k), into dst: two passes, as layer_norm
+  const auto norm_row = [&](auto* dst, auto&& sum_at) {
+    const float mu = row_sum(n, sum_at) * inv_n;
+    const float var = row_sum(n, [&](int64_t c, auto k) {
+      const Lanes d = only_first(k, sum_at(c, k) - mu);
+      return d * d;
+    });
+    const float rs = 1.0f / std::sqrt(var * inv_n + epsilon);
+    const float *w = weight->data_ptr<float>(), *bb = bias->data_ptr<float>();
+    for_each_chunk(n, [&](int64_t c, auto k) {
+      store(dst + c, (sum_at(c, k) - mu) * rs * load(w + c, k) + load(bb + c, k), k);
+    });
+  };
   with_element_type(y, [&](const auto* branch) {
+    if (!norm && x.is_contiguous() && y.is_contiguous() && out.is_contiguous()) {  // no rows to walk
+      for_each_chunk_parallel(x.numel(), [&](int64_t i, auto k) {
+        store(sums + i, load(src + i, k) + load(branch + i, k), k);
+      });
+      return;
+    }
     const auto run = [&](auto dst) {
+      constexpr bool normalize = !std::is_same_v<decltype(dst), std::nullptr_t>;
       at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const float* a = row(x, src, r);
-          const auto* b = row(y, branch, r);
-          float* s = row(out, sums, r);
+        // (i, j) stepped along with r: a division per row would cost as much as a narrow row's arithmetic
+        for (int64_t r = begin, i = begin / inner, j = begin % inner; r < end; ++r, j = j + 1 == inner ? 0 : j + 1) {
+          if (r > begin && j == 0) ++i;
+          const float* a = src + x_at(i, j);
+          const auto* b = branch + y_at(i, j);
+          float* s = sums + out_at(i, j);
           for_each_chunk(n, [&](int64_t c, auto k) { store(s + c, load(a + c, k) + load(b + c, k), k); });
-          if constexpr (!std::is_same_v<decltype(dst), std::nullptr_t>) {
-            // the sum's row is in L1: two passes, as layer_norm
-            const float mu = row_sum(n, [&](int64_t c, auto k) { return load(s + c, k); }) * inv_n;
-            const float var = row_sum(n, [&](int64_t c, auto k) {
-              const Lanes d = only_first(k, load(s + c, k) - mu);
-              return d * d;
-            });
-            const float rs = 1.0f / std::sqrt(var * inv_n + epsilon);
-            const float *w = weight->data_ptr<float>(), *bb = bias->data_ptr<float>();
-            for_each_chunk(n, [&](int64_t c, auto k) {
-              store(dst + r * n + c, (load(s + c, k) - mu) * rs * load(w + c, k) + load(bb + c, k), k);
-            });
-          }
+          if constexpr (normalize) norm_row(dst + r * n, [&](int64_t c, auto k) { return load(s + c, k); });
         }
       });
     };
