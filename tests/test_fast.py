@@ -257,11 +257,14 @@ def test_onednn_bf16_autocast_inference_computes_what_autocast_computes(monkeypa
     assert (fast - plain).abs().max() <= TOLERANCE[torch.bfloat16] * plain.abs().max()
 
 
-@pytest.mark.parametrize("epilogue", [False, True])
-def test_onednn_gelu_in_place_or_as_epilogue(epilogue: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("epilogue", [False, True, None], ids=["aten", "epilogue", "default"])
+def test_onednn_gelu_in_place_or_as_epilogue(epilogue: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
     if not onednn.available():
         pytest.skip("this PyTorch has no oneDNN")
     monkeypatch.setattr(onednn, "GELU_EPILOGUE", epilogue)
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert onednn.gelu_epilogue(torch.float32) == (avx512 if epilogue is None else epilogue)
+    assert onednn.gelu_epilogue(torch.bfloat16) == bool(epilogue)  # autocast rounds the product before its GELU
     x, weight, bias = torch.randn(2, 7, 16) * 3, torch.randn(32, 16), torch.randn(32)
     with torch.inference_mode():
         expected = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))

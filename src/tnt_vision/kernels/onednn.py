@@ -3,13 +3,13 @@ bf16 autocast on a CPU with bf16 products.
 
 `F.linear` copies the bias into its output before the GEMM accumulates onto it, and the GELU after the MLP's
 first layer and the block's residual additions each read and write the activation once more. oneDNN's linear
-applies the bias or the residual addition to each tile of the product while it is in cache. Its exact-GELU
-epilogue, though, is slower than ATen's vectorised GELU run in place on the output (`GELU_EPILOGUE`). Same
+applies the bias or the residual addition to each tile of the product while it is in cache, and in fp32 on an
+AVX-512 CPU the exact GELU too (elsewhere ATen's vectorised GELU runs in place on the output: `GELU_EPILOGUE`). Same
 results up to the order of the GEMM's additions. Under bf16 autocast the input, weight and bias are cast to bf16
 as autocast casts them and the output is bf16, autocast's result (there the bias copy and the GELU's fresh output
 cost more than the product: TNT-S's outer fc1 and GELU at batch 32, 31 ms against 11); the residual stream stays
-fp32, so the residual additions are not fused there. Inference only (these operators have no autograd formula), CPU;
-off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
+fp32, so the residual additions are `kernels.residual_add`'s there. Inference only (these operators have no
+autograd formula), CPU; off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
 
 Each weight is reordered once (per dtype) into oneDNN's blocked layout (as torch.compile's freezing does) instead
 of on every call; the copy is kept beside the parameter, remade when the parameter changes (version counter, storage
@@ -27,11 +27,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ENV_SWITCH, capturing_graph, residual_add, residual_add_applies, switched_on
 from .emulated_bf16 import BF16, native_bf16_autocast
 
-# oneDNN's exact GELU as the GEMM's epilogue against ATen's GELU in place on the output: on the AVX2 development
-# machine the epilogue made TNT-S fp32 inference at batch 32 5-7% slower in all (3141 against 2985 ms, 3038
-# against 2841; TNT-Ti 1013 against 948, TNT-B at batch 8 1851 against 1744); `benchmarks/onednn_ab.py` compares
-# the two on other CPUs. True puts the GELU back into the oneDNN call.
-GELU_EPILOGUE = False
+# oneDNN's exact GELU as the GEMM's epilogue against ATen's GELU in place on the output. In fp32 the two give the
+# same bits. On the AVX2 development machine the epilogue made TNT-S fp32 inference at batch 32 5-7% slower in all
+# (3141 against 2985 ms, 3038 against 2841; TNT-Ti 1013 against 948, TNT-B at batch 8 1851 against 1744); on the
+# AVX-512 machine each fp32 layer with its GELU is faster with it (medians of 30-200 calls, 2 threads: TNT-S's outer
+# first MLP layer at batch 32 56.4 against 57.7 ms, the inner one 22.2 against 24.4, at batch 1 1.35 against 1.44
+# and 0.244 against 0.282), and the whole model 2-8% (`benchmarks/onednn_ab.py`). Under bf16 autocast the epilogue
+# applies the GELU before the output is rounded to bf16, where autocast rounds the product first: ATen's then.
+# None: the epilogue for fp32 where the CPU has AVX-512; True or False: for every dtype, or never.
+GELU_EPILOGUE: bool | None = None
 
 
 @functools.cache
@@ -96,10 +100,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     if torch.is_autocast_enabled("cpu"):
         x, bias = x.to(BF16), None if bias is None else bias.to(BF16)
     weight = packed(weight, _rows(x), x.dtype)
-    if gelu and GELU_EPILOGUE:
+    if gelu and gelu_epilogue(x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return torch.ops.aten.gelu_(out) if gelu else out
+
+
+def gelu_epilogue(dtype: torch.dtype) -> bool:
+    """Whether `linear` applies its GELU as oneDNN's epilogue (see `GELU_EPILOGUE`)."""
+    if GELU_EPILOGUE is not None:
+        return GELU_EPILOGUE
+    return dtype == torch.float32 and _avx512()
+
+
+@functools.cache
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def linear_add(
