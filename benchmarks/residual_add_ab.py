@@ -10,8 +10,9 @@ residual) and, for the first, the norm's bf16 output in the same pass; the TNT b
 the new sentences tensor, where `cat` would copy the sum (fp32 too).
 
 First the operators alone at TNT-S's sizes (batch 32: the outer stream 32 x 197 x 384, the words 6272 x 16 x 24;
-every kernel output checked against ATen's), then the whole model: tnt-vision as it is and with the kernel stepped
-aside, alternating (`bench.model_ab_times`); medians with the batch, threads and machine.
+every kernel output checked against ATen's), then the whole model: tnt-vision as it is, with the kernel stepped
+aside, and with the GELU epilogue (`onednn.GELU_EPILOGUE`, fp32 on AVX-512) off too, alternating
+(`bench.model_ab_times`); medians with the batch, threads and machine.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def aten_adds() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for module in (layers, tnt, onednn):
             stack.enter_context(mock.patch.object(module, "residual_add_applies", never))
+        yield
+
+
+@contextlib.contextmanager
+def aten_adds_and_gelu() -> Iterator[None]:
+    """Also ATen's GELU after oneDNN's first MLP layer (`onednn.GELU_EPILOGUE` off): the code before both."""
+    with aten_adds(), mock.patch.object(onednn, "GELU_EPILOGUE", False):
         yield
 
 
@@ -82,10 +90,12 @@ def main() -> None:
         raise SystemExit("the CPU kernels could not be built here; nothing to compare")
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
     operators(max(args.rounds, 20))
-    ms = medians_ms(model_ab_times(args, {"kernel": None, "aten": aten_adds}, dtype=args.dtype))
+    variants = {"kernel": None, "aten": aten_adds, "aten, no epilogue": aten_adds_and_gelu}
+    ms = medians_ms(model_ab_times(args, variants, dtype=args.dtype))
     print(
         f"{args.model} inference, batch {args.batch}, {args.dtype}: with the kernel {ms['kernel']:.0f} ms, without "
-        f"{ms['aten']:.0f} ms ({ms['aten'] / ms['kernel']:.3f}x)"
+        f"{ms['aten']:.0f} ms ({ms['aten'] / ms['kernel']:.3f}x), also without the GELU epilogue "
+        f"{ms['aten, no epilogue']:.0f} ms ({ms['aten, no epilogue'] / ms['kernel']:.3f}x)"
     )
 
 
