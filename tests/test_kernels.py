@@ -370,6 +370,8 @@ def test_residual_add_and_its_norm_match_aten(width: int, branch: torch.dtype) -
         kernels.residual_add(patches, y, out=out[:, 1:])
         torch.testing.assert_close(out[:, 1:], patches + y, atol=0, rtol=0)
         assert out[:, 0].isnan().all()  # the class token's rows untouched
+        with pytest.raises(ValueError, match="contiguous rows"):
+            kernels.residual_add(x, y, out=torch.empty(x.shape[::-1]).transpose(0, 2))
         # what the kernel does not take: other shapes, dtypes, rows that are not contiguous, recorded gradients
         assert not kernels.residual_add_applies(x, y[:, :1])
         assert not kernels.residual_add_applies(x.double(), y)

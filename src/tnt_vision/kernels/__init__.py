@@ -249,8 +249,10 @@ def residual_add(
     The sum goes into `out` (x itself for an in-place update, a slice of a larger tensor, or a fresh tensor when
     None), read from y as it is (a bf16 branch without ATen's widened temporary); the norm (fp32 weight and bias,
     one dimension) reads each row of the sum while it is in L1, its output rounded to bf16 with `bf16_output`.
-    The same values as `x + y` and `norm(x + y)` (`.to(torch.bfloat16)`)."""
+    The same sum as `x + y`; the norm as `norm(x + y)` (`.to(torch.bfloat16)`) up to the order of a row's sums."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    if out.shape != x.shape or _rows_view(out) is None:
+        raise ValueError(f"residual_add: out must be of x's shape {tuple(x.shape)} with contiguous rows")
     if norm is not None and x.shape[-1] <= MAX_NARROW_ROW:  # TNT's words: ATen-free, but in two passes (faster)
         total = residual_add(x, y, out)[0]
         return total, narrow_layer_norm(total, norm.weight, norm.bias, norm.eps, bf16_output)[0]
