@@ -23,7 +23,7 @@ from unittest import mock
 import torch
 
 from tnt_vision import kernels
-from tnt_vision.bench import ab_parser, build_module, cpu_name, model_ab_times, set_threads
+from tnt_vision.bench import ab_parser, build_module, cpu_name, model_ab_times, never, set_threads
 from tnt_vision.kernels import emulated_bf16, onednn
 from tnt_vision.models import layers as tnt_layers
 from tnt_vision.models import tnt
@@ -37,10 +37,6 @@ def fp32_word_attention_only(qkv: torch.Tensor, tokens: int, head_dim: int) -> b
 def fp32_gelu_only(*tensors: torch.Tensor, applies: Callable[..., bool] = kernels.gelu_applies) -> bool:
     """The GELU kernel's test before it took bf16."""
     return all(t.dtype == torch.float32 for t in tensors) and applies(*tensors)
-
-
-def never(x: torch.Tensor) -> bool:
-    return False
 
 
 def onednn_without_autocast(x: torch.Tensor) -> bool:

@@ -24,16 +24,11 @@ from unittest import mock
 import torch
 
 from tnt_vision import kernels
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
+from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, never, operator_medians_ms, set_threads
 from tnt_vision.kernels import onednn
 from tnt_vision.models import layers, tnt
 
 SHAPES = {"outer stream": (32, 197, 384), "words": (6272, 16, 24)}
-
-
-def never(*args: object) -> bool:
-    """A plain function, not a `Mock`, which would keep every tensor it is called with (its call list)."""
-    return False
 
 
 @contextlib.contextmanager

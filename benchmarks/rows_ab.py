@@ -23,14 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from tnt_vision import kernels
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
+from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, never, operator_medians_ms, set_threads
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import layers as tnt_layers
-
-
-def never(*args: object) -> bool:
-    """A plain function, not a `Mock`, which would keep every tensor it is called with (its call list)."""
-    return False
 
 
 def aten_gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -307,6 +307,12 @@ def within(step: Step, context: Callable[[], AbstractContextManager[Any]]) -> St
     return run
 
 
+def never(*args: object) -> bool:
+    """A test that always says no, for the A/B scripts to step a fast path aside: a plain function, not a `Mock`,
+    which would keep every tensor it is called with (its call list)."""
+    return False
+
+
 def model_ab_times(
     args: argparse.Namespace,
     variants: dict[str, Callable[[], AbstractContextManager[Any]] | None],

@@ -251,7 +251,8 @@ def residual_add(
     one dimension) reads each row of the sum while it is in L1, its output rounded to bf16 with `bf16_output`.
     The same sum as `x + y`; the norm as `norm(x + y)` (`.to(torch.bfloat16)`) up to the order of a row's sums."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    if out.shape != x.shape or _rows_view(out) is None:
+    rows = _rows_view(out) if out.shape == x.shape else None
+    if rows is None:
         raise ValueError(f"residual_add: out must be of x's shape {tuple(x.shape)} with contiguous rows")
     if norm is not None and x.shape[-1] <= MAX_NARROW_ROW:  # TNT's words: ATen-free, but in two passes (faster)
         total = residual_add(x, y, out)[0]
@@ -259,7 +260,7 @@ def residual_add(
     weight, bias = (None, None) if norm is None else (norm.weight, norm.bias)
     eps = 0.0 if norm is None else norm.eps
     with torch.profiler.record_function("tnt_vision::residual_add"):
-        normed = _kernels().add_rows(_rows_view(x), _rows_view(y), _rows_view(out), weight, bias, eps, bf16_output)
+        normed = _kernels().add_rows(_rows_view(x), _rows_view(y), rows, weight, bias, eps, bf16_output)
     return out, None if normed is None else normed.view(x.shape)
 
 

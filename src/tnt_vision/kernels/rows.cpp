@@ -175,6 +175,8 @@ at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
   const float* src = x.data_ptr<float>();
   float* sums = out.data_ptr<float>();
   const float inv_n = 1.0f / static_cast<float>(n), epsilon = static_cast<float>(eps);
+  const float* w = norm ? weight->data_ptr<float>() : nullptr;
+  const float* bb = norm ? bias->data_ptr<float>() : nullptr;
   // LayerNorm of one row of the sum, read by sum_at(c, k), into dst: two passes, as layer_norm
   const auto norm_row = [&](auto* dst, auto&& sum_at) {
     const float mu = row_sum(n, sum_at) * inv_n;
@@ -183,7 +185,6 @@ at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
       return d * d;
     });
     const float rs = 1.0f / std::sqrt(var * inv_n + epsilon);
-    const float *w = weight->data_ptr<float>(), *bb = bias->data_ptr<float>();
     for_each_chunk(n, [&](int64_t c, auto k) {
       store(dst + c, (sum_at(c, k) - mu) * rs * load(w + c, k) + load(bb + c, k), k);
     });

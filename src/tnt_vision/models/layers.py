@@ -14,7 +14,6 @@ from torch import nn
 
 from ..kernels import (
     capturing_graph,
-    cpu_fp32,
     exporting_graph,
     grad_recorded,
     narrow_layer_norm,
@@ -94,25 +93,28 @@ class LayerNorm(nn.LayerNorm):
         """The norm's output for the linear layer after it. Under bf16 autocast on a CPU with bf16 products
         (inference, no hook on the norm) the kernel rounds it to bf16 as it writes it, rows of any width: the
         linear layer would round autocast's fp32 LayerNorm output to bf16 in another pass."""
-        hooked = self._forward_hooks or self._forward_pre_hooks
-        if hooked or not (fused_attention_enabled() and native_bf16_autocast(x)):
-            return self(x)
-        if not narrow_layer_norm_applies(x, list(self.normalized_shape), self.weight, self.bias, widest=math.inf):
+        if not self.writes_bf16(x):
             return self(x)
         return narrow_layer_norm(x, self.weight, self.bias, self.eps, bf16_output=True)[0]
 
     def add_for_linear(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + y, `for_linear` of it): a residual update and the norm after it. Under bf16 autocast on a CPU with
-        bf16 products (inference, no hook) in one pass of the compiled kernel over each row (`residual_add`),
-        which also reads a bf16 y as it is; the sum is a fresh tensor either way."""
-        hooked = self._forward_hooks or self._forward_pre_hooks
-        fast = not hooked and fused_attention_enabled() and native_bf16_autocast(x) and len(self.normalized_shape) == 1
-        if fast and residual_add_applies(x, y) and cpu_fp32(self.weight) and cpu_fp32(self.bias):
+        """(x + y, `for_linear` of it): a residual update and the norm after it. Where the norm writes bf16 (see
+        `for_linear`) in one pass of the compiled kernel over each row (`residual_add`), which also reads a bf16 y
+        as it is; the sum is a fresh tensor either way."""
+        if self.writes_bf16(x) and residual_add_applies(x, y):
             total, normed = residual_add(x, y, norm=self, bf16_output=True)
             assert normed is not None
             return total, normed
         total = x + y
         return total, self.for_linear(total)
+
+    def writes_bf16(self, x: torch.Tensor) -> bool:
+        """Whether the kernel writes `for_linear`'s output in bf16: bf16 autocast on a CPU with bf16 products, no
+        hook on the norm, and the kernel takes it (one dimension, fp32, no gradient recorded; any width)."""
+        hooked = self._forward_hooks or self._forward_pre_hooks
+        if hooked or not (fused_attention_enabled() and native_bf16_autocast(x)):
+            return False
+        return narrow_layer_norm_applies(x, list(self.normalized_shape), self.weight, self.bias, widest=math.inf)
 
 
 class Attention(nn.Module):
