@@ -6,6 +6,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 
@@ -131,6 +132,15 @@ inline void store(c10::BFloat16* p, Lanes v, int64_t n = kLanes) {
 #else
   for (int64_t i = 0; i < n; ++i) std::memcpy(p + i, &halves[i], sizeof(uint16_t));
 #endif
+}
+
+// Calls body(c, k) for the vectors of a row of n values: k = kLanes as a compile-time constant for the whole ones
+// (so that their loads and stores are single instructions), then once for the k < kLanes values left, if any.
+template <typename F>
+inline void for_each_chunk(int64_t n, F&& body) {
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) body(c, std::integral_constant<int64_t, kLanes>{});
+  if (c < n) body(c, n - c);
 }
 
 inline float sum_lanes(Lanes v) {

@@ -44,15 +44,6 @@ void check_elementwise(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.is_contiguous(), what, ": expected a contiguous tensor");
 }
 
-// Calls body(c, k) for the vectors of a row of n values: k = kLanes as a compile-time constant for the whole ones
-// (so that their loads and stores are single instructions), then once for the k < kLanes values left, if any.
-template <typename F>
-inline void for_each_chunk(int64_t n, F&& body) {
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) body(c, std::integral_constant<int64_t, kLanes>{});
-  if (c < n) body(c, n - c);
-}
-
 // for_each_chunk over n values in parallel.
 template <typename F>
 void for_each_chunk_parallel(int64_t n, F&& body) {

@@ -11,8 +11,11 @@
 //
 // Layout: qkv is the output of the fused q/k/v projection, (P, m, 3C) with C = heads * d, read in place (no
 // permute); the output is (P, m, C), ready for the output projection. fp32, or bf16 (autocast's q/k/v on a CPU with
-// bf16 products): bf16 values are widened as they are read, everything is computed in fp32, and outputs and
-// gradients are rounded to bf16 (to nearest even) as they are written, as a cast of the fp32 results would round.
+// bf16 products): everything is computed in fp32, and outputs and gradients are rounded to bf16 (to nearest even) as
+// a cast of the fp32 results would round. A thread takes whole sentences, all heads: with bf16 it widens a sentence's
+// q/k/v (and gradient) to fp32 in one vectorised pass first and rounds its results in one pass at the end, so that
+// the loops read each value as the broadcast operand of a multiply-add (where converting scalars where they were
+// used took most of the time) and write plain floats.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -20,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_kernels.h"
 #include "lanes.h"
@@ -72,25 +76,25 @@ struct Block {
 };
 
 // dst[c] = factor * (src[i * stride + c])_i over the block's queries, transposed, zero-padded to kLanes.
-template <typename T, typename Dim>
-inline void load_transposed(Lanes* dst, const T* src, int64_t stride, const Block& b, Dim d, float factor) {
+template <typename Dim>
+inline void load_transposed(Lanes* dst, const float* src, int64_t stride, const Block& b, Dim d, float factor) {
   for (int64_t c = 0; c < d; ++c) dst[c] = Lanes{};
   for (int64_t i = 0; i < b.rows; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[c][i] = static_cast<float>(src[(b.first + i) * stride + c]) * factor;
+    for (int64_t c = 0; c < d; ++c) dst[c][i] = src[(b.first + i) * stride + c] * factor;
 }
 
 // dst[i * stride + c] = src[c][i] over the block's queries: the inverse of load_transposed.
-template <typename T, typename Dim>
-inline void store_transposed(T* dst, int64_t stride, const Lanes* src, const Block& b, Dim d) {
+template <typename Dim>
+inline void store_transposed(float* dst, int64_t stride, const Lanes* src, const Block& b, Dim d) {
   for (int64_t i = 0; i < b.rows; ++i)
-    for (int64_t c = 0; c < d; ++c) dst[(b.first + i) * stride + c] = static_cast<T>(src[c][i]);
+    for (int64_t c = 0; c < d; ++c) dst[(b.first + i) * stride + c] = src[c][i];
 }
 
 // sum_c x[c] * yT[c]: (x . y_i)_i over the block's queries.
-template <typename T, typename Dim>
-inline Lanes dot_rows(const T* x, const Lanes* yT, Dim d) {
+template <typename Dim>
+inline Lanes dot_rows(const float* x, const Lanes* yT, Dim d) {
   Lanes row{};
-  for (int64_t c = 0; c < d; ++c) row += static_cast<float>(x[c]) * yT[c];
+  for (int64_t c = 0; c < d; ++c) row += x[c] * yT[c];
   return row;
 }
 
@@ -99,20 +103,20 @@ struct ChannelRows {
   static constexpr int64_t kChunks = kMaxHeadDim / kLanes;
   Lanes rows[kMaxWords][kChunks];
 
-  template <typename T, typename Dim>
-  void load(const T* src, int64_t stride, const Shape<Dim>& s, float factor) {
+  template <typename Dim>
+  void load(const float* src, int64_t stride, const Shape<Dim>& s, float factor) {
     for (int64_t i = 0; i < s.words; ++i)
       for (int64_t c = 0; c < s.head_dim; ++c) {
         if (c % kLanes == 0) rows[i][c / kLanes] = Lanes{};
-        rows[i][c / kLanes][c % kLanes] = static_cast<float>(src[i * stride + c]) * factor;
+        rows[i][c / kLanes][c % kLanes] = src[i * stride + c] * factor;
       }
   }
 
   // out_j = sum_i w[i][j] row_i for the m keys j, where w[i][j] = wT[i / kLanes][j][i % kLanes] (kept per query
   // block, one vector per key): a product with the channels in lanes, no sums across lanes. The loop over queries
   // is outermost, so that consecutive updates go to different keys (no chain of dependent additions).
-  template <typename T, typename Dim>
-  void weighted_sums(T* out, int64_t stride, const Lanes (*wT)[kMaxWords], const Shape<Dim>& s) const {
+  template <typename Dim>
+  void weighted_sums(float* out, int64_t stride, const Lanes (*wT)[kMaxWords], const Shape<Dim>& s) const {
     const int64_t chunks = (s.head_dim + kLanes - 1) / kLanes;
     Lanes acc[kMaxWords][kChunks];
     for (int64_t j = 0; j < s.words; ++j)
@@ -123,7 +127,7 @@ struct ChannelRows {
         for (int64_t b = 0; b < chunks; ++b) acc[j][b] += w * rows[i][b];
       }
     for (int64_t j = 0; j < s.words; ++j)
-      for (int64_t c = 0; c < s.head_dim; ++c) out[j * stride + c] = static_cast<T>(acc[j][c / kLanes][c % kLanes]);
+      for (int64_t c = 0; c < s.head_dim; ++c) out[j * stride + c] = acc[j][c / kLanes][c % kLanes];
   }
 };
 
@@ -135,8 +139,8 @@ struct Scores {
 
   // Fills qT = scale * q^T and eT[j] = (exp(scale q_i . k_j - max_j))_i, so that
   // softmax(scale q k^T)[i][j] = eT[j][i] * inv_sum[i].
-  template <typename T, typename Dim>
-  void compute(const T* q, const T* k, const Shape<Dim>& s, const Block& b, float scale) {
+  template <typename Dim>
+  void compute(const float* q, const float* k, const Shape<Dim>& s, const Block& b, float scale) {
     const int64_t C3 = 3 * s.width();
     load_transposed(qT, q, C3, b, s.head_dim, scale);
     Lanes mx{};
@@ -153,12 +157,43 @@ struct Scores {
   }
 };
 
-// Runs body(scores, sentence, head) over all (sentence, head) pairs in parallel.
+// A sentence's n values (m rows of q/k/v, or of the output's gradient) in fp32: fp32 ones as they are, bf16 ones
+// widened into `scratch`.
+inline const float* widened(const float* src, int64_t, std::vector<float>&) { return src; }
+
+inline const float* widened(const c10::BFloat16* src, int64_t n, std::vector<float>& scratch) {
+  scratch.resize(n);
+  for_each_chunk(n, [&](int64_t c, auto k) { store(scratch.data() + c, load(src + c, k), k); });
+  return scratch.data();
+}
+
+// Where a sentence's n results are written in fp32: an fp32 output itself, or `scratch`, which `flush` then rounds
+// into the bf16 output.
+inline float* staged(float* dst, int64_t, std::vector<float>&) { return dst; }
+
+inline float* staged(c10::BFloat16*, int64_t n, std::vector<float>& scratch) {
+  scratch.resize(n);
+  return scratch.data();
+}
+
+inline void flush(float*, const float*, int64_t) {}
+
+inline void flush(c10::BFloat16* dst, const float* src, int64_t n) {
+  for_each_chunk(n, [&](int64_t c, auto k) { store(dst + c, load(src + c, k), k); });
+}
+
+// One thread's scratch: the block's scores, and the fp32 copies of a sentence's values (see widened and staged).
+struct Scratch {
+  Scores scores;
+  std::vector<float> qkv, grad, out;
+};
+
+// Runs body(scratch, sentence) over the sentences in parallel.
 template <typename Dim, typename F>
-void for_each_pair(const Shape<Dim>& s, F&& body) {
-  at::parallel_for(0, s.sentences * s.heads, 64, [&](int64_t begin, int64_t end) {
-    Scores scores;
-    for (int64_t ph = begin; ph < end; ++ph) body(scores, ph / s.heads, ph % s.heads);
+void for_each_sentence(const Shape<Dim>& s, F&& body) {
+  at::parallel_for(0, s.sentences, 16, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t p = begin; p < end; ++p) body(scratch, p);
   });
 }
 
@@ -173,67 +208,84 @@ void forward(const Shape<>& shape, const T* src, T* dst, float scale) {
   with_common_head_dim(shape, [&](const auto& s) {
     const int64_t m = s.words, C = s.width(), C3 = 3 * C;
     const auto d = s.head_dim;
-    for_each_pair(s, [&](Scores& scores, int64_t p, int64_t h) {
-      const T* q = src + p * m * C3 + h * d;
-      const T* v = q + 2 * C;
-      for_each_block(s, [&](const Block& b) {
-        scores.compute(q, q + C, s, b, scale);
-        Lanes oT[kMaxHeadDim];
-        for (int64_t c = 0; c < d; ++c) oT[c] = Lanes{};
-        for (int64_t j = 0; j < m; ++j)
-          for (int64_t c = 0; c < d; ++c) oT[c] += static_cast<float>(v[j * C3 + c]) * scores.eT[j];
-        for (int64_t c = 0; c < d; ++c) oT[c] *= scores.inv_sum;
-        store_transposed(dst + p * m * C + h * d, C, oT, b, d);
-      });
+    for_each_sentence(s, [&](Scratch& scratch, int64_t p) {
+      const float* qkv = widened(src + p * m * C3, m * C3, scratch.qkv);
+      float* out = staged(dst + p * m * C, m * C, scratch.out);
+      Scores& scores = scratch.scores;
+      for (int64_t h = 0; h < s.heads; ++h) {
+        const float* q = qkv + h * d;
+        const float* v = q + 2 * C;
+        for_each_block(s, [&](const Block& b) {
+          scores.compute(q, q + C, s, b, scale);
+          Lanes oT[kMaxHeadDim];
+          for (int64_t c = 0; c < d; ++c) oT[c] = Lanes{};
+          for (int64_t j = 0; j < m; ++j)
+            for (int64_t c = 0; c < d; ++c) oT[c] += v[j * C3 + c] * scores.eT[j];
+          for (int64_t c = 0; c < d; ++c) oT[c] *= scores.inv_sum;
+          store_transposed(out + h * d, C, oT, b, d);
+        });
+      }
+      flush(dst + p * m * C, out, m * C);
     });
   });
+}
+
+// One head's part of a sentence's gradient: q (k and v after it) and go at the head's first channel of the
+// sentence's first word, gq likewise in the gradient of q/k/v.
+template <typename Dim>
+void head_backward(Scores& scores, const Shape<Dim>& s, const float* q, const float* go, float* gq, float sc) {
+  constexpr int64_t kBlocks = kMaxWords / kLanes;
+  const int64_t m = s.words, C = s.width(), C3 = 3 * C;
+  const auto d = s.head_dim;
+  const float* k = q + C;
+  const float* v = q + 2 * C;
+  // Per query block, one vector per key j: the probabilities A^T and dS^T.
+  Lanes probabilities[kBlocks][kMaxWords];
+  Lanes score_grads[kBlocks][kMaxWords];
+  for_each_block(s, [&](const Block& b) {
+    scores.compute(q, k, s, b, sc);
+    Lanes goT[kMaxHeadDim];
+    load_transposed(goT, go, C, b, d, 1.0f);
+    // A[i][j] = eT[j][i] inv_sum[i]; dA^T[j] = (v_j . dO_i)_i; the softmax correction
+    // D_i = sum_j A[i][j] dA[i][j].
+    Lanes* a = probabilities[b.first / kLanes];
+    Lanes* ds = score_grads[b.first / kLanes];
+    Lanes correction{};
+    for (int64_t j = 0; j < m; ++j) {
+      a[j] = scores.eT[j] * scores.inv_sum;
+      ds[j] = dot_rows(v + j * C3, goT, d);
+      correction += a[j] * ds[j];
+    }
+    // dS = A * (dA - D); dQ_i = scale sum_j dS[i][j] k_j.
+    Lanes gqT[kMaxHeadDim];
+    for (int64_t c = 0; c < d; ++c) gqT[c] = Lanes{};
+    for (int64_t j = 0; j < m; ++j) {
+      ds[j] = a[j] * (ds[j] - correction);
+      for (int64_t c = 0; c < d; ++c) gqT[c] += (k[j * C3 + c] * sc) * ds[j];
+    }
+    store_transposed(gq, C3, gqT, b, d);
+  });
+  // dV_j = sum_i A[i][j] dO_i and dK_j = sum_i dS[i][j] (scale q_i), over all queries.
+  ChannelRows rows;
+  rows.load(go, C, s, 1.0f);
+  rows.weighted_sums(gq + 2 * C, C3, probabilities, s);
+  rows.load(q, C3, s, sc);
+  rows.weighted_sums(gq + C, C3, score_grads, s);
 }
 
 // Gradient with respect to qkv, recomputing the probabilities (nothing but qkv is saved by the forward pass).
 template <typename T>
 void backward(const Shape<>& shape, const T* src, const T* gsrc, T* gdst, float sc) {
-  constexpr int64_t kBlocks = kMaxWords / kLanes;
   with_common_head_dim(shape, [&](const auto& s) {
     const int64_t m = s.words, C = s.width(), C3 = 3 * C;
     const auto d = s.head_dim;
-    for_each_pair(s, [&](Scores& scores, int64_t p, int64_t h) {
-      const T* q = src + p * m * C3 + h * d;
-      const T* k = q + C;
-      const T* v = q + 2 * C;
-      const T* go = gsrc + p * m * C + h * d;
-      T* gq = gdst + p * m * C3 + h * d;
-      // Per query block, one vector per key j: the probabilities A^T and dS^T.
-      Lanes probabilities[kBlocks][kMaxWords];
-      Lanes score_grads[kBlocks][kMaxWords];
-      for_each_block(s, [&](const Block& b) {
-        scores.compute(q, k, s, b, sc);
-        Lanes goT[kMaxHeadDim];
-        load_transposed(goT, go, C, b, d, 1.0f);
-        // A[i][j] = eT[j][i] inv_sum[i]; dA^T[j] = (v_j . dO_i)_i; the softmax correction
-        // D_i = sum_j A[i][j] dA[i][j].
-        Lanes* a = probabilities[b.first / kLanes];
-        Lanes* ds = score_grads[b.first / kLanes];
-        Lanes correction{};
-        for (int64_t j = 0; j < m; ++j) {
-          a[j] = scores.eT[j] * scores.inv_sum;
-          ds[j] = dot_rows(v + j * C3, goT, d);
-          correction += a[j] * ds[j];
-        }
-        // dS = A * (dA - D); dQ_i = scale sum_j dS[i][j] k_j.
-        Lanes gqT[kMaxHeadDim];
-        for (int64_t c = 0; c < d; ++c) gqT[c] = Lanes{};
-        for (int64_t j = 0; j < m; ++j) {
-          ds[j] = a[j] * (ds[j] - correction);
-          for (int64_t c = 0; c < d; ++c) gqT[c] += (static_cast<float>(k[j * C3 + c]) * sc) * ds[j];
-        }
-        store_transposed(gq, C3, gqT, b, d);
-      });
-      // dV_j = sum_i A[i][j] dO_i and dK_j = sum_i dS[i][j] (scale q_i), over all queries.
-      ChannelRows rows;
-      rows.load(go, C, s, 1.0f);
-      rows.weighted_sums(gq + 2 * C, C3, probabilities, s);
-      rows.load(q, C3, s, sc);
-      rows.weighted_sums(gq + C, C3, score_grads, s);
+    for_each_sentence(s, [&](Scratch& scratch, int64_t p) {
+      const float* qkv = widened(src + p * m * C3, m * C3, scratch.qkv);
+      const float* grad = widened(gsrc + p * m * C, m * C, scratch.grad);
+      float* gqkv = staged(gdst + p * m * C3, m * C3, scratch.out);
+      for (int64_t h = 0; h < s.heads; ++h)
+        head_backward(scratch.scores, s, qkv + h * d, grad + h * d, gqkv + h * d, sc);
+      flush(gdst + p * m * C3, gqkv, m * C3);
     });
   });
 }
