@@ -4,6 +4,7 @@
 #pragma once
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -141,6 +142,18 @@ inline void for_each_chunk(int64_t n, F&& body) {
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) body(c, std::integral_constant<int64_t, kLanes>{});
   if (c < n) body(c, n - c);
+}
+
+// The square root of each lane (correctly rounded, as std::sqrt).
+inline Lanes sqrt_lanes(Lanes v) {
+#if TNT_VISION_LANES == 16
+  return std::bit_cast<Lanes>(_mm512_sqrt_ps(std::bit_cast<__m512>(v)));
+#elif defined(__AVX__)
+  return std::bit_cast<Lanes>(_mm256_sqrt_ps(std::bit_cast<__m256>(v)));
+#else
+  for (int64_t i = 0; i < kLanes; ++i) v[i] = std::sqrt(v[i]);
+  return v;
+#endif
 }
 
 inline float sum_lanes(Lanes v) {
