@@ -67,6 +67,45 @@ float row_sum(int64_t n, F&& value) {
   return sum_lanes(acc);
 }
 
+// LayerNorm of up to kLanes rows at a time (rows of n fp32 values; weight w and bias b): `add` takes a row's mean and
+// centred squares (two passes, the row in L1: no cancellation in the variance), `normalize` writes the group's rows
+// with their 1/std from one vector square root and division, where one per row is a chain of latency that a
+// narrow row's arithmetic cannot hide.
+struct NormGroup {
+  const float *w, *b;
+  int64_t n;
+  float inv_n, eps;
+  const float* rows[kLanes];
+  int64_t size = 0;
+  Lanes mu{}, var{};
+
+  // Takes the row; true once the group is full.
+  bool add(const float* row) {
+    const float m = row_sum(n, [&](int64_t c, auto k) { return load(row + c, k); }) * inv_n;
+    mu[size] = m;
+    var[size] = row_sum(n, [&](int64_t c, auto k) {
+      const Lanes d = only_first(k, load(row + c, k) - m);
+      return d * d;
+    });
+    rows[size] = row;
+    return ++size == kLanes;
+  }
+
+  // Writes row i of the group to out(i), then starts a new group; returns the rows' 1/std.
+  template <typename Out>
+  Lanes normalize(Out&& out) {
+    const Lanes rs = 1.0f / sqrt_lanes(var * inv_n + eps);
+    for (int64_t i = 0; i < size; ++i) {
+      auto* dst = out(i);
+      for_each_chunk(n, [&](int64_t c, auto k) {
+        store(dst + c, (load(rows[i] + c, k) - mu[i]) * rs[i] * load(w + c, k) + load(b + c, k), k);
+      });
+    }
+    size = 0;
+    return rs;
+  }
+};
+
 constexpr int64_t kSumBlock = 64;  // rows summed before they join a thread's sums of the parameters' gradients
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -115,30 +154,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, c
   const float inv_n = 1.0f / static_cast<float>(n), epsilon = static_cast<float>(eps);
   const auto normalize = [&](auto* dst) {
     at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-      // kLanes rows at a time: their 1/std by one vector square root and division, where one per row is a chain
-      // of latency that a narrow row's arithmetic cannot hide
+      NormGroup group{w, b, n, inv_n, epsilon};
       for (int64_t first = begin; first < end; first += kLanes) {
-        const int64_t group = std::min(kLanes, end - first);
-        Lanes mu{}, var{};
-        for (int64_t i = 0; i < group; ++i) {
-          const float* row = src + (first + i) * n;
-          // Two passes, mean then the centred squares (the row is in L1): no cancellation in the variance.
-          const float m = row_sum(n, [&](int64_t c, auto k) { return load(row + c, k); }) * inv_n;
-          mu[i] = m;
-          var[i] = row_sum(n, [&](int64_t c, auto k) {
-            const Lanes d = only_first(k, load(row + c, k) - m);
-            return d * d;
-          });
-        }
-        const Lanes rs = 1.0f / sqrt_lanes(var * inv_n + epsilon);
-        for (int64_t i = 0; i < group; ++i) {
-          const int64_t r = first + i;
-          for_each_chunk(n, [&](int64_t c, auto k) {
-            store(dst + r * n + c, (load(src + r * n + c, k) - mu[i]) * rs[i] * load(w + c, k) + load(b + c, k), k);
-          });
-        }
-        store(means + first, mu, group);
-        store(rstds + first, rs, group);
+        for (int64_t r = first; r < std::min(first + kLanes, end); ++r) group.add(src + r * n);
+        const int64_t size = group.size;
+        const Lanes mu = group.mu;
+        const Lanes rs = group.normalize([&](int64_t i) { return dst + (first + i) * n; });
+        store(means + first, mu, size);
+        store(rstds + first, rs, size);
       }
     });
   };
@@ -178,18 +201,6 @@ at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
   const float inv_n = 1.0f / static_cast<float>(n), epsilon = static_cast<float>(eps);
   const float* w = norm ? weight->data_ptr<float>() : nullptr;
   const float* bb = norm ? bias->data_ptr<float>() : nullptr;
-  // LayerNorm of one row of the sum, read by sum_at(c, k), into dst: two passes, as layer_norm
-  const auto norm_row = [&](auto* dst, auto&& sum_at) {
-    const float mu = row_sum(n, sum_at) * inv_n;
-    const float var = row_sum(n, [&](int64_t c, auto k) {
-      const Lanes d = only_first(k, sum_at(c, k) - mu);
-      return d * d;
-    });
-    const float rs = 1.0f / std::sqrt(var * inv_n + epsilon);
-    for_each_chunk(n, [&](int64_t c, auto k) {
-      store(dst + c, (sum_at(c, k) - mu) * rs * load(w + c, k) + load(bb + c, k), k);
-    });
-  };
   with_element_type(y, [&](const auto* branch) {
     if (!norm && x.is_contiguous() && y.is_contiguous() && out.is_contiguous()) {  // no rows to walk
       for_each_chunk_parallel(x.numel(), [&](int64_t i, auto k) {
@@ -200,6 +211,11 @@ at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
     const auto run = [&](auto dst) {
       constexpr bool normalize = !std::is_same_v<decltype(dst), std::nullptr_t>;
       at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+        NormGroup group{w, bb, n, inv_n, epsilon};
+        int64_t first = begin;  // the group's first row
+        const auto normalize_group = [&] {
+          if constexpr (normalize) group.normalize([&](int64_t g) { return dst + (first + g) * n; });
+        };
         // (i, j) stepped along with r: a division per row would cost as much as a narrow row's arithmetic
         for (int64_t r = begin, i = begin / inner, j = begin % inner; r < end; ++r, j = j + 1 == inner ? 0 : j + 1) {
           if (r > begin && j == 0) ++i;
@@ -207,8 +223,12 @@ at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
           const auto* b = branch + y_at(i, j);
           float* s = sums + out_at(i, j);
           for_each_chunk(n, [&](int64_t c, auto k) { store(s + c, load(a + c, k) + load(b + c, k), k); });
-          if constexpr (normalize) norm_row(dst + r * n, [&](int64_t c, auto k) { return load(s + c, k); });
+          if (normalize && group.add(s)) {
+            normalize_group();
+            first = r + 1;
+          }
         }
+        if (group.size > 0) normalize_group();
       });
     };
     if (!norm)
