@@ -113,21 +113,26 @@ struct ChannelRows {
   }
 
   // out_j = sum_i w[i][j] row_i for the m keys j, where w[i][j] = wT[i / kLanes][j][i % kLanes] (kept per query
-  // block, one vector per key): a product with the channels in lanes, no sums across lanes. The loop over queries
-  // is outermost, so that consecutive updates go to different keys (no chain of dependent additions).
+  // block, one vector per key): a product with the channels in lanes, no sums across lanes. Each key's sum is held
+  // in registers as four partial sums over the queries (four independent chains of additions); with the queries
+  // outermost the compiler kept the m sums in memory, a load and a store around every multiply-add.
   template <typename Dim>
   void weighted_sums(float* out, int64_t stride, const Lanes (*wT)[kMaxWords], const Shape<Dim>& s) const {
-    const int64_t chunks = (s.head_dim + kLanes - 1) / kLanes;
-    Lanes acc[kMaxWords][kChunks];
-    for (int64_t j = 0; j < s.words; ++j)
-      for (int64_t b = 0; b < chunks; ++b) acc[j][b] = Lanes{};
-    for (int64_t i = 0; i < s.words; ++i)
-      for (int64_t j = 0; j < s.words; ++j) {
-        const float w = wT[i / kLanes][j][i % kLanes];
-        for (int64_t b = 0; b < chunks; ++b) acc[j][b] += w * rows[i][b];
+    const int64_t m = s.words, chunks = (s.head_dim + kLanes - 1) / kLanes;
+    const auto w = [&](int64_t i, int64_t j) { return wT[i / kLanes][j][i % kLanes]; };
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t b = 0; b < chunks; ++b) {
+        Lanes a0{}, a1{}, a2{}, a3{};
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) {
+          a0 += w(i, j) * rows[i][b];
+          a1 += w(i + 1, j) * rows[i + 1][b];
+          a2 += w(i + 2, j) * rows[i + 2][b];
+          a3 += w(i + 3, j) * rows[i + 3][b];
+        }
+        for (; i < m; ++i) a0 += w(i, j) * rows[i][b];
+        store(out + j * stride + b * kLanes, (a0 + a1) + (a2 + a3), std::min(kLanes, s.head_dim - b * kLanes));
       }
-    for (int64_t j = 0; j < s.words; ++j)
-      for (int64_t c = 0; c < s.head_dim; ++c) out[j * stride + c] = acc[j][c / kLanes][c % kLanes];
   }
 };
 
