@@ -653,3 +653,27 @@ def test_time_breakdown_sorts_operators_into_products_attention_and_rest(tmp_pat
     operators = breakdown.costliest_operators(steps[cfg.model], inputs[0], top=3)
     assert len(operators) == 3
     assert all(" calls, " in line for line in operators)
+
+
+def test_kernels_revision_ab_builds_from_a_revision_and_serves_the_model_from_a_build(tmp_path: Path) -> None:
+    """`benchmarks/kernels_revision_ab.py`: a revision's kernel sources from git (one clear line for a revision
+    without them), each operator call at the model's sizes, and the model's kernel calls served by a given build."""
+    ab = benchmark_module("kernels_revision_ab")
+    if not (ab.ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = ab.revision_sources("HEAD", tmp_path)
+    assert sorted(p.name for p in written.iterdir()) == sorted(kernels.SOURCES + kernels.HEADERS)
+    assert all(p.stat().st_size > 0 for p in written.iterdir())
+    with pytest.raises(SystemExit, match="--against no-such-revision: no src/tnt_vision/kernels/"):
+        ab.revision_sources("no-such-revision", tmp_path)
+    build = kernels.cpu_kernels()
+    if build is None:
+        pytest.skip("the CPU kernels could not be compiled here")
+    calls = ab.operator_calls(create_model("tnt_ti_patch16_224").cfg, batch=1, dtype=torch.bfloat16)
+    assert len(calls) == 4
+    for call in calls.values():
+        ab.check_same(call(build), call(build), bf16=True)
+    stand_in = object()
+    with ab.answering(stand_in):
+        assert kernels.cpu_kernels() is stand_in
+    assert kernels.cpu_kernels() is build

@@ -46,14 +46,14 @@ def switched_on(switch: str) -> bool:
     return os.environ.get(switch, "1") != "0"
 
 
-def _machine_key(flags: list[str]) -> str:
+def _machine_key(flags: list[str], directory: Path = _DIR) -> str:
     """What the compiled code depends on: the source, flags, torch, and this CPU (`-march=native`)."""
     cpu = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         lines = cpuinfo.read_text(errors="replace").splitlines()
         cpu += "".join(line for line in lines if line.startswith(("model name", "flags", "Features")))[:4096]
-    sources = [(_DIR / name).read_bytes() for name in SOURCES + HEADERS]
+    sources = [(directory / name).read_bytes() for name in SOURCES + HEADERS]
     material = [*sources, " ".join(flags).encode(), torch.__version__.encode(), cpu.encode()]
     return hashlib.sha256(b"\0".join(material)).hexdigest()[:12]
 
@@ -76,17 +76,18 @@ def cpu_kernels() -> ModuleType | None:
         return None
 
 
-def build_cpu_kernels(*defines: str) -> ModuleType:
+def build_cpu_kernels(*defines: str, directory: Path = _DIR) -> ModuleType:
     """Compiles the CPU kernels, or loads this machine's cached build, with extra preprocessor definitions (a
-    benchmark's variant: `TNT_VISION_LANES=8` builds the 8-lane kernels on an AVX-512 CPU)."""
+    benchmark's variant: `TNT_VISION_LANES=8` builds the 8-lane kernels on an AVX-512 CPU), from the sources in
+    `directory` (another revision's, for `benchmarks/kernels_revision_ab.py`)."""
     from torch.utils import cpp_extension
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" is not news here
     flags = [*_CFLAGS, *(f"-D{define}" for define in defines)]
     log.info("compiling tnt_vision's CPU kernels (once per machine, about a minute)")
     return cpp_extension.load(
-        name=f"tnt_vision_cpu_{_machine_key(flags)}",
-        sources=[str(_DIR / name) for name in SOURCES],
+        name=f"tnt_vision_cpu_{_machine_key(flags, directory)}",
+        sources=[str(directory / name) for name in SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         verbose=False,

@@ -1,0 +1,134 @@
+"""The CPU kernels of another git revision against this working tree's, in one process.
+
+    PYTHONPATH=src python benchmarks/kernels_revision_ab.py --against 88673d0 --dtype bf16 --rounds 12
+    PYTHONPATH=src python benchmarks/kernels_revision_ab.py --against 88673d0 --dtype bf16 --train --rounds 6
+    PYTHONPATH=src python benchmarks/kernels_revision_ab.py --against HEAD~1 --model tnt_b_patch16_224 --batch 8
+
+For a change to the C++ kernels alone (word attention, the LayerNorm, the residual addition), where timing two
+checkouts one after the other on a shared machine compares the machine's load more than the code: the revision's
+kernel sources (`git show REV:src/tnt_vision/kernels/...`) are built beside this tree's (torch's extension
+builder, cached per source), and the two builds are alternated (`bench.interleaved_times`: warm-up, order rotated
+each round). First the operators alone at the model's sizes for --batch, fp32 and bf16, each result checked
+against the other build's (within 1e-5, or one bf16 step: a change may reorder a sum); then the whole model, one
+set of weights, with `kernels.cpu_kernels` answering with one build or the other. Medians with the batch, dtype,
+threads and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from unittest import mock
+
+import torch
+
+from tnt_vision import kernels
+from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
+from tnt_vision.models import create_model
+from tnt_vision.models.tnt import TNTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = Path("src/tnt_vision/kernels")
+
+
+def revision_sources(revision: str, into: Path) -> Path:
+    """The kernel sources of `revision` written into `into`; one clear line where git does not have them."""
+    for name in kernels.SOURCES + kernels.HEADERS:
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:{(KERNELS / name).as_posix()}"], cwd=ROOT, capture_output=True, check=False
+        )
+        if shown.returncode != 0:
+            reason = (shown.stderr.decode(errors="replace").strip().splitlines() or ["git failed"])[0]
+            raise SystemExit(f"--against {revision}: no {KERNELS / name} there ({reason})")
+        (into / name).write_bytes(shown.stdout)
+    return into
+
+
+@contextlib.contextmanager
+def answering(build: ModuleType) -> Iterator[None]:
+    """Every kernel call of the model served by `build`."""
+
+    def served() -> ModuleType:
+        return build
+
+    with mock.patch.object(kernels, "cpu_kernels", served):
+        yield
+
+
+def operators(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, batch {args.batch}:")
+        for what, call in operator_calls(create_model(args.model).cfg, args.batch, dtype).items():
+            check_same(*(call(build) for build in builds.values()), bf16=dtype == torch.bfloat16)
+            timed = {name: (lambda b=build, c=call: c(b)) for name, build in builds.items()}
+            (this, that), (ours, theirs) = builds, operator_medians_ms(timed, args.rounds).values()
+            print(f"  {what}: {this} {ours:.3f} ms, {that} {theirs:.3f} ms ({theirs / ours:.2f}x)")
+
+
+def operator_calls(cfg: TNTConfig, batch: int, dtype: torch.dtype) -> dict[str, Callable[[ModuleType], object]]:
+    """Each kernel at the model's sizes for `batch`, as a call on a build: the words' attention and its backward,
+    their LayerNorm, the outer stream's residual addition with the norm after it."""
+    sentences = batch * cfg.grid_size[0] * cfg.grid_size[1]
+    qkv = torch.randn(sentences, cfg.num_words, 3 * cfg.inner_dim).to(dtype)
+    grad = torch.randn(sentences, cfg.num_words, cfg.inner_dim).to(dtype)
+    words = torch.randn(sentences, cfg.num_words, cfg.inner_dim)
+    stream = torch.randn(batch, 1 + sentences // batch, cfg.outer_dim)
+    heads, scale, bf16 = cfg.inner_heads, (cfg.inner_dim // cfg.inner_heads) ** -0.5, dtype == torch.bfloat16
+    return {
+        f"word attention {tuple(qkv.shape)}": lambda b: b.word_attention_forward(qkv, heads, scale),
+        "its backward": lambda b: b.word_attention_backward(grad, qkv, heads, scale),
+        f"LayerNorm {tuple(words.shape)}": lambda b: b.layer_norm(words, *norm(cfg.inner_dim), 1e-5, bf16),
+        f"add + LayerNorm {tuple(stream.shape)}": lambda b: add_and_norm(b, stream, dtype),
+    }
+
+
+def norm(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(width)
+    return torch.randn(width, generator=generator), torch.randn(width, generator=generator)
+
+
+def add_and_norm(build: ModuleType, stream: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outer stream's first residual addition with the second norm (the branch and the norm's output in
+    `dtype`), into a fresh sum."""
+    out = torch.empty_like(stream)
+    branch = torch.ones_like(stream).to(dtype)
+    normed = build.add_rows(stream, branch, out, *norm(stream.shape[-1]), 1e-5, dtype == torch.bfloat16)
+    return out, normed
+
+
+def check_same(a: object, b: object, bf16: bool) -> None:
+    tolerance = {"atol": 1e-5, "rtol": 2**-7 if bf16 else 1e-5}
+    for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b), strict=True):
+        torch.testing.assert_close(x, y, **tolerance)
+
+
+def main() -> None:
+    parser = ab_parser(__doc__, rounds=8)
+    parser.add_argument("--against", required=True, help="the git revision whose kernels to compare against")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    mine = kernels.cpu_kernels()
+    if mine is None:
+        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
+    with tempfile.TemporaryDirectory() as workdir:
+        other = kernels.build_cpu_kernels(directory=revision_sources(args.against, Path(workdir)))
+    builds = {"this tree": mine, args.against: other}
+    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians of {args.rounds} rounds")
+    operators(builds, args)
+    variants = {"this tree": None, args.against: lambda: answering(other)}
+    ms = medians_ms(model_ab_times(args, variants, dtype=args.dtype))
+    mode = "training step" if args.train else "inference"
+    print(
+        f"{args.model} {mode}, batch {args.batch}, {args.dtype}: this tree {ms['this tree']:.0f} ms, "
+        f"{args.against} {ms[args.against]:.0f} ms ({ms[args.against] / ms['this tree']:.3f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
