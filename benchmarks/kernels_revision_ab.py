@@ -71,34 +71,34 @@ def operators(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
 
 
 def operator_calls(cfg: TNTConfig, batch: int, dtype: torch.dtype) -> dict[str, Callable[[ModuleType], object]]:
-    """Each kernel at the model's sizes for `batch`, as a call on a build: the words' attention and its backward,
-    their LayerNorm, the outer stream's residual addition with the norm after it."""
+    """Each kernel at the model's sizes for `batch`, as a call on a build (its inputs made here, once, so that a
+    timed call is the kernel alone): the words' attention and its backward, their LayerNorm, the outer stream's
+    first residual addition with the second norm (the branch and the norm's output in `dtype`, into a fresh sum)."""
     sentences = batch * cfg.grid_size[0] * cfg.grid_size[1]
     qkv = torch.randn(sentences, cfg.num_words, 3 * cfg.inner_dim).to(dtype)
     grad = torch.randn(sentences, cfg.num_words, cfg.inner_dim).to(dtype)
     words = torch.randn(sentences, cfg.num_words, cfg.inner_dim)
     stream = torch.randn(batch, 1 + sentences // batch, cfg.outer_dim)
+    branch = torch.randn_like(stream).to(dtype)
     heads, scale, bf16 = cfg.inner_heads, (cfg.inner_dim // cfg.inner_heads) ** -0.5, dtype == torch.bfloat16
+    inner, outer = norm(cfg.inner_dim), norm(cfg.outer_dim)
+
+    def add_and_norm(build: ModuleType) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty_like(stream)
+        return out, build.add_rows(stream, branch, out, *outer, 1e-5, bf16)
+
     return {
         f"word attention {tuple(qkv.shape)}": lambda b: b.word_attention_forward(qkv, heads, scale),
         "its backward": lambda b: b.word_attention_backward(grad, qkv, heads, scale),
-        f"LayerNorm {tuple(words.shape)}": lambda b: b.layer_norm(words, *norm(cfg.inner_dim), 1e-5, bf16),
-        f"add + LayerNorm {tuple(stream.shape)}": lambda b: add_and_norm(b, stream, dtype),
+        f"LayerNorm {tuple(words.shape)}": lambda b: b.layer_norm(words, *inner, 1e-5, bf16),
+        f"add + LayerNorm {tuple(stream.shape)}": add_and_norm,
     }
 
 
 def norm(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm's weight and bias, the same for both builds."""
     generator = torch.Generator().manual_seed(width)
     return torch.randn(width, generator=generator), torch.randn(width, generator=generator)
-
-
-def add_and_norm(build: ModuleType, stream: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The outer stream's first residual addition with the second norm (the branch and the norm's output in
-    `dtype`), into a fresh sum."""
-    out = torch.empty_like(stream)
-    branch = torch.ones_like(stream).to(dtype)
-    normed = build.add_rows(stream, branch, out, *norm(stream.shape[-1]), 1e-5, dtype == torch.bfloat16)
-    return out, normed
 
 
 def check_same(a: object, b: object, bf16: bool) -> None:
