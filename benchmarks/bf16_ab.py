@@ -34,8 +34,8 @@ def fp32_word_attention_only(qkv: torch.Tensor, tokens: int, head_dim: int) -> b
     return qkv.dtype == torch.float32 and kernels.word_attention_applies(qkv, tokens, head_dim)
 
 
-def fp32_gelu_only(*tensors: torch.Tensor, applies: Callable[..., bool] = kernels.gelu_applies) -> bool:
-    """The GELU kernel's test before it took bf16."""
+def fp32_gelu_only(*tensors: torch.Tensor, applies: Callable[..., bool] = kernels.elementwise_applies) -> bool:
+    """The elementwise kernels' test before they took bf16."""
     return all(t.dtype == torch.float32 for t in tensors) and applies(*tensors)
 
 
@@ -47,7 +47,7 @@ def onednn_without_autocast(x: torch.Tensor) -> bool:
 def previous_bf16_path() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(tnt_layers, "word_attention_applies", fp32_word_attention_only))
-        stack.enter_context(mock.patch.object(kernels, "gelu_applies", fp32_gelu_only))
+        stack.enter_context(mock.patch.object(kernels, "elementwise_applies", fp32_gelu_only))
         stack.enter_context(mock.patch.object(tnt_layers, "onednn_applies", onednn_without_autocast))
         stack.enter_context(mock.patch.object(tnt_layers, "native_bf16_autocast", never))  # LayerNorm.for_linear
         stack.enter_context(mock.patch.object(tnt_layers, "bf16_training_on_cpu", never))  # SDPA in training

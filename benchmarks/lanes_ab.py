@@ -44,7 +44,9 @@ def operator_calls(dtype: torch.dtype) -> dict[str, Call]:
         "LayerNorm, 24 channels": lambda m: m.layer_norm(rows, weight, bias, 1e-5, False),
         "LayerNorm backward, 24 channels": lambda m: m.layer_norm_backward(grad_rows, rows, mean, rstd, weight),
         **{
-            f"GELU backward and value, {what} MLP": lambda m, h=h: m.gelu_backward_and_value(torch.ones_like(h), h)
+            f"GELU backward, value and sums, {what} MLP": lambda m, h=h: m.gelu_backward_and_value(
+                torch.ones_like(h), h, True
+            )
             for what, h in hidden.items()
         },
     }

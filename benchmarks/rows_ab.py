@@ -6,10 +6,12 @@ process.
 
 Two contenders share one model (same weights): tnt-vision as it is, and tnt-vision with these kernels stepped
 aside (ATen's LayerNorm and its backward for every row width, ATen's GELU and GELU-backward in the lean MLP's
-backward pass). `bench.interleaved_times` alternates them (warm-up, order rotated each round); medians are printed
-with the batch, threads and machine. First the operators alone at the sizes of one micro-batch (8 images): the
-inner LayerNorm and its backward over TNT-S's 25088 rows of 24 channels and TNT-Ti's 50176 of 12, and GELU's
-backward and value over TNT-S's inner and outer MLP's hidden layers; every kernel output is checked against ATen's.
+backward pass, ATen's sums for the bias gradients). `bench.interleaved_times` alternates them (warm-up, order
+rotated each round); medians are printed with the batch, threads and machine. First the operators alone at the
+sizes of one micro-batch (8 images): the inner LayerNorm and its backward over TNT-S's 25088 rows of 24 channels
+and TNT-Ti's 50176 of 12, and GELU's backward and value (with the bias gradient's column sums) over TNT-S's inner
+and outer MLP's hidden layers; every kernel output is checked against ATen's. `bias_sums_ab.py` takes the column
+sums alone.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import layers as tnt_layers
 
 
-def aten_gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.aten.gelu_backward(grad, x), F.gelu(x)
+def aten_gelu_backward_and_value(
+    grad: torch.Tensor, x: torch.Tensor, sums: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    grad_x = torch.ops.aten.gelu_backward(grad, x)
+    return grad_x, F.gelu(x), aten_sum_rows(grad_x) if sums else None
+
+
+def aten_sum_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(tuple(range(x.ndim - 1)))
 
 
 @contextlib.contextmanager
@@ -39,6 +48,7 @@ def aten_rows() -> Iterator[None]:
         for module in (kernels, tnt_layers):
             stack.enter_context(mock.patch.object(module, "narrow_layer_norm_applies", never))
         stack.enter_context(mock.patch.object(emulated_bf16, "gelu_backward_and_value", aten_gelu_backward_and_value))
+        stack.enter_context(mock.patch.object(emulated_bf16, "sum_rows", aten_sum_rows))
         yield
 
 
@@ -87,8 +97,8 @@ def checked_ms(
 def gelu_ms(rows: int, width: int, rounds: int) -> dict[str, float]:
     hidden, grad = torch.randn(rows, width), torch.randn(rows, width)
     return checked_ms(
-        lambda: kernels.gelu_backward_and_value(grad.clone(), hidden),
-        lambda: aten_gelu_backward_and_value(grad.clone(), hidden),
+        lambda: kernels.gelu_backward_and_value(grad.clone(), hidden, sums=True),
+        lambda: aten_gelu_backward_and_value(grad.clone(), hidden, sums=True),
         rounds,
         atol=2e-6,
     )

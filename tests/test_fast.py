@@ -605,7 +605,7 @@ def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.Mon
         with torch.autocast("cpu", torch.bfloat16):
             with torch.no_grad():
                 pieces = [layers.word_attention_applies(qkv, 16, 6), layers.onednn_applies(x)]
-                pieces += [kernels.gelu_applies(qkv)]
+                pieces += [kernels.elementwise_applies(qkv)]
                 pieces += [layers.native_bf16_autocast(x), tnt.BF16_BLOCK_BYTES > tnt.CACHE_BLOCK_BYTES]
             return [*pieces, layers.bf16_training_on_cpu(x)]
 
@@ -615,8 +615,37 @@ def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.Mon
     with ab.previous_bf16_path():
         assert bf16_pieces() == [False] * 6
         assert layers.word_attention_applies(qkv.float(), 16, 6) == available
-        assert kernels.gelu_applies(qkv.float()) == available
+        assert kernels.elementwise_applies(qkv.float()) == available
     assert bf16_pieces() == expected
+
+
+def test_bias_sums_ab_steps_the_kernel_sums_aside_for_the_same_gradients() -> None:
+    """`benchmarks/bias_sums_ab.py`: the training step's bias gradients summed by the kernels (the column sums, the
+    GELU backward's) as it is, by ATen's sum within `aten_sums`, the same gradients either way; the shapes it
+    times are the model's."""
+    ab = benchmark_module("bias_sums_ab")
+    sizes = ab.gradients(create_model("tnt_s_patch16_224").cfg, batch=32)
+    assert sizes == {
+        "inner fc1": (100352, 96),
+        "inner fc2, projection": (100352, 24),
+        "outer fc1": (6304, 1536),
+        "outer fc2, projection": (6304, 384),
+    }
+    model = create_model("tnt_ti_patch16_224", depth=2, img_size=32).train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def grads_and_sums() -> tuple[list[torch.Tensor], int]:
+        with torch.profiler.profile() as profile:
+            grads = forward_backward(model, x)[1]
+        return grads, sum(e.name == "tnt_vision::column_sums" for e in profile.events())
+
+    kernel_grads, kernel_sums = grads_and_sums()
+    with ab.aten_sums():
+        aten_grads, aten_sums = grads_and_sums()
+    assert aten_sums == 0
+    assert kernel_sums >= (2 * 2 if kernels.kernels_available() else 0)  # at least a block's MLP and projection
+    for a, b in zip(kernel_grads, aten_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_the_fused_inner_block_keeps_only_its_input_for_backward() -> None:

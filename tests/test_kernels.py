@@ -222,22 +222,24 @@ def test_gelu_backward_and_value_matches_float64_and_its_special_values() -> Non
     fast_grad = grad.float()
     value_expected = F.gelu(x)
     grad_expected = torch.ops.aten.gelu_backward(grad, x)
-    grad_out, value = kernels.gelu_backward_and_value(fast_grad, x.float())
+    grad_out, value, sums = kernels.gelu_backward_and_value(fast_grad, x.float())
     assert grad_out is fast_grad  # written over the incoming gradient
+    assert sums is None
     aten_grad = torch.ops.aten.gelu_backward(grad.float(), x.float())
     assert error(value, value_expected) <= max(5e-7, 2 * error(F.gelu(x.float()), value_expected))
     assert error(grad_out, grad_expected) <= max(1e-6, 2 * error(aten_grad, grad_expected))
     special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, 1e30, -1e30, 1e-30, -40.0, 40.0])
     ones = torch.ones_like(special)
-    grad_out, value = kernels.gelu_backward_and_value(ones.clone(), special)
+    grad_out, value, _ = kernels.gelu_backward_and_value(ones.clone(), special)
     # float64's values: ATen's fp32 GELU gives NaN for +inf in its AVX-512 loop (inf in its AVX2 and scalar ones)
     torch.testing.assert_close(value, F.gelu(special.double()).float(), equal_nan=True)
     torch.testing.assert_close(grad_out, torch.ops.aten.gelu_backward(ones, special), equal_nan=True)
     half = x.half()  # other dtypes: ATen's functions, the gradient not overwritten
     grad_half = grad.half()
-    grad_out, value = kernels.gelu_backward_and_value(grad_half, half)
+    grad_out, value, sums = kernels.gelu_backward_and_value(grad_half, half, sums=True)
     assert grad_out is not grad_half
     torch.testing.assert_close(value, F.gelu(half))
+    torch.testing.assert_close(sums, grad_out.sum(0))
 
 
 @needs_kernels
@@ -246,8 +248,8 @@ def test_gelu_backward_and_value_over_bf16_is_the_fp32_kernel_rounded() -> None:
     results rounded to bf16 as they are written, within one bf16 step of ATen's bf16 GELU and its backward."""
     x = torch.cat([torch.linspace(-14, 14, 4001), torch.randn(999) * 3, torch.tensor([math.nan, math.inf, -math.inf])])
     x, grad = x.bfloat16(), torch.randn_like(x).bfloat16()
-    grad_out, value = kernels.gelu_backward_and_value(grad.clone(), x)
-    wide_grad, wide_value = kernels.gelu_backward_and_value(grad.float(), x.float())
+    grad_out, value, _ = kernels.gelu_backward_and_value(grad.clone(), x)
+    wide_grad, wide_value, _ = kernels.gelu_backward_and_value(grad.float(), x.float())
     assert grad_out.dtype == value.dtype == torch.bfloat16
     torch.testing.assert_close(value, wide_value.bfloat16(), atol=0, rtol=0, equal_nan=True)
     torch.testing.assert_close(grad_out, wide_grad.bfloat16(), atol=0, rtol=0, equal_nan=True)
@@ -255,6 +257,50 @@ def test_gelu_backward_and_value_over_bf16_is_the_fp32_kernel_rounded() -> None:
     one_step = {"atol": 1e-6, "rtol": 2**-7}  # ATen's fp32 GELU is 0 below -5.5, this one's tail 2e-7 there
     torch.testing.assert_close(value[finite], F.gelu(x)[finite], **one_step)
     torch.testing.assert_close(grad_out[finite], torch.ops.aten.gelu_backward(grad, x)[finite], **one_step)
+
+
+BF16_STEP = {"atol": 1e-4, "rtol": 2**-7}  # one rounding step of bf16, near zero fp32's sum error
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_backward_sums_the_columns_of_the_gradient_it_writes(dtype: torch.dtype) -> None:
+    """With `sums`, the gradient's column sums (fc1's bias gradient in the lean MLP) come from the same pass: the sums
+    of the values written (bf16: as rounded), in the gradient's dtype, over rows whose stream ends in a period."""
+    for shape in ((300, 96), (7, 13, 40), (5, 1536)):
+        x, grad = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+        grad_out, value, sums = kernels.gelu_backward_and_value(grad.clone(), x, sums=True)
+        plain_grad, plain_value, _ = kernels.gelu_backward_and_value(grad.clone(), x)
+        # the same values up to the compiler's contraction of a multiply and an add (no sums: no rows to follow)
+        values = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else BF16_STEP
+        torch.testing.assert_close(grad_out, plain_grad, **values)
+        torch.testing.assert_close(value, plain_value, **values)
+        assert sums.dtype == dtype
+        assert sums.shape == (shape[-1],)
+        expected = grad_out.double().flatten(0, -2).sum(0)
+        tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else BF16_STEP
+        torch.testing.assert_close(sums.double(), expected, **tolerance)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_rows_matches_float64_over_periods_tails_and_blocks(dtype: torch.dtype) -> None:
+    """A linear layer's bias gradient, summed over all but the last dimension in fp32 and returned in the input's
+    dtype: rows of whole vectors and not (a period of several rows), streams ending inside a period, more periods
+    than a block of sums, one row, none; against float64, and as ATen sums where the kernel does not apply."""
+    for shape in ((100, 24), (4097, 96), (37, 1536), (1001, 7), (3, 5, 40), (1, 17), (0, 24), (64 * 3 + 1, 24 * 17)):
+        x = torch.randn(shape).to(dtype)
+        assert kernels.elementwise_applies(x)
+        got = kernels.sum_rows(x)
+        assert got.dtype == dtype
+        assert got.shape == (shape[-1],)
+        expected = x.double().flatten(0, -2).sum(0)
+        tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else BF16_STEP
+        torch.testing.assert_close(got.double(), expected, **tolerance)
+    tracked = torch.randn(30, 24, requires_grad=True)
+    for x in (tracked, torch.randn(30, 24).t(), torch.randn(30, 24, dtype=torch.float64)):  # ATen's sum
+        assert not kernels.elementwise_applies(x)
+        torch.testing.assert_close(kernels.sum_rows(x), x.sum(0))
 
 
 @needs_kernels
@@ -285,7 +331,10 @@ def test_the_8_lane_build_computes_what_the_16_lane_build_does() -> None:
             same("word_attention_forward", (qkv, heads, 0.4), tolerance)
             same("word_attention_backward", (grad, qkv, heads, 0.4), tolerance)
         x = torch.randn(10007).to(dtype)  # parallel chunks of whole vectors, then a tail
-        same("gelu_backward_and_value", (torch.randn_like(x), x), tolerance)
+        same("gelu_backward_and_value", (torch.randn_like(x), x, False), tolerance)
+        rows = x[:9990].view(-1, 45)  # column sums over periods of 720 values (16 rows), then 14 rows
+        same("gelu_backward_and_value", (torch.randn_like(rows), rows, True), tolerance)
+        same("column_sums", (rows,), tolerance)
     for width in (7, 24, 40, 384):
         x, weight, bias = torch.randn(301, width), torch.randn(width), torch.randn(width)
         same("layer_norm", (x, weight, bias, 1e-5, False), fp32)

@@ -211,14 +211,30 @@ def narrow_layer_norm_applies(
     return not capturing_graph() and kernels_available()
 
 
-def gelu_backward_and_value(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad * gelu'(x), gelu(x)) for the exact GELU, in one pass where the kernel applies (`gelu_applies` to both,
-    of one shape and dtype), which writes the gradient over `grad`. bf16 is computed in fp32 and rounded once, as
-    ATen's bf16 GELU is."""
-    if grad.shape == x.shape and grad.dtype == x.dtype and gelu_applies(grad, x):
+def gelu_backward_and_value(
+    grad: torch.Tensor, x: torch.Tensor, sums: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(grad * gelu'(x), gelu(x), and with `sums` that gradient summed over all but its last dimension, else None)
+    for the exact GELU, in one pass where the kernel applies (`elementwise_applies` to both, of one shape and
+    dtype), which writes the gradient over `grad`. bf16 is computed in fp32 and rounded once, as ATen's bf16 GELU
+    is; the sums are of the gradient as written, in its dtype (as `sum_rows` gives them): the bias gradient of the
+    linear layer before the GELU, without reading the gradient again."""
+    if grad.shape == x.shape and grad.dtype == x.dtype and x.ndim > 0 and elementwise_applies(grad, x):
         with torch.profiler.record_function("tnt_vision::gelu_backward_and_value"):
-            return grad, _kernels().gelu_backward_and_value(grad, x)
-    return torch.ops.aten.gelu_backward(grad, x), torch.nn.functional.gelu(x)
+            value, column_sums = _kernels().gelu_backward_and_value(grad, x, sums)
+        return grad, value, None if column_sums is None else column_sums.to(grad.dtype)
+    grad_x = torch.ops.aten.gelu_backward(grad, x)
+    return grad_x, torch.nn.functional.gelu(x), sum_rows(grad_x) if sums else None
+
+
+def sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """x summed over all but its last dimension, in x's dtype (a linear layer's bias gradient from its output's):
+    by the compiled kernel for contiguous fp32 and bf16 CPU tensors (accumulating in fp32, as ATen does), where no
+    gradient is recorded, else by ATen."""
+    if x.ndim > 0 and elementwise_applies(x):
+        with torch.profiler.record_function("tnt_vision::column_sums"):
+            return _kernels().column_sums(x).to(x.dtype)
+    return x.sum(tuple(range(x.ndim - 1)))
 
 
 def residual_add_applies(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -265,9 +281,9 @@ def residual_add(
     return out, None if normed is None else normed.view(x.shape)
 
 
-def gelu_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the GELU kernels take these tensors: contiguous fp32 or bf16 CPU ones, no gradient recorded for
-    them, outside graph capture."""
+def elementwise_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the elementwise kernels (the GELU's, the column sums) take these tensors: contiguous fp32 or bf16 CPU
+    ones, no gradient recorded for them, outside graph capture."""
     kinds = (torch.float32, torch.bfloat16)
     fits = all(t.device.type == "cpu" and t.dtype in kinds and t.is_contiguous() for t in tensors)
     return fits and not grad_recorded(tensors) and not capturing_graph() and kernels_available()

@@ -17,5 +17,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("layer_norm_backward", &tnt_vision::layer_norm_backward,
              "LayerNorm backward (CPU, fp32; the gradient also bf16)");
   module.def("gelu_backward_and_value", &tnt_vision::gelu_backward_and_value,
-             "exact GELU's gradient in place of grad, and its value (CPU, fp32 or bf16)");
+             "exact GELU's gradient in place of grad, its value and optionally its column sums (CPU, fp32 or bf16)");
+  module.def("column_sums", &tnt_vision::column_sums, "sums over all but the last dimension (CPU, fp32 or bf16)");
 }

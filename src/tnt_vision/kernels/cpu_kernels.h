@@ -39,7 +39,11 @@ at::Tensor add_rows(const at::Tensor& x, const at::Tensor& y, at::Tensor& out,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    const at::Tensor& weight);
-// rows.cpp: the exact GELU's gradient written over `grad` (grad * gelu'(x)), returning gelu(x) (fp32 or bf16).
-at::Tensor gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x);
+// rows.cpp: the exact GELU's gradient written over `grad` (grad * gelu'(x)), returning gelu(x) (fp32 or bf16) and,
+// with `sums`, the fp32 sums of the gradient's columns as written (the bias gradient of a linear layer before the
+// GELU), else an undefined tensor (None).
+std::tuple<at::Tensor, at::Tensor> gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x, bool sums);
+// rows.cpp: the sums of a contiguous fp32 or bf16 tensor's columns (over all but its last dimension), in fp32.
+at::Tensor column_sums(const at::Tensor& x);
 
 }  // namespace tnt_vision

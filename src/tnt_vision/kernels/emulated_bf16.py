@@ -39,6 +39,7 @@ from . import (
     gelu_backward_and_value,
     native_layer_norm,
     native_layer_norm_backward,
+    sum_rows,
     switched_on,
 )
 
@@ -104,14 +105,17 @@ def _linear_grads(
     weight: torch.Tensor,
     needs: tuple[bool, ...],
     low: torch.dtype | None,
+    grad_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of `_linear` for its input (`x()`, asked for only if the weight needs it), weight and bias.
+    """Gradients of `_linear` for its input (`x()`, asked for only if the weight needs it), weight and bias (or
+    `grad_bias` as given: summed where `grad` was made).
 
     None where not needed; rounded to `low` if given.
     """
     g, w = _grad_operands(grad, weight, low)
     need_x, need_weight, need_bias = needs
-    return _lowered(g @ w, low) if need_x else None, *_parameter_grads(g, x, weight, need_weight, need_bias, low)
+    grad_w, summed = _parameter_grads(g, x, weight, need_weight, need_bias and grad_bias is None, low)
+    return _lowered(g @ w, low) if need_x else None, grad_w, summed if grad_bias is None else grad_bias
 
 
 def _grad_operands(grad: torch.Tensor, weight: torch.Tensor, low: torch.dtype | None) -> tuple[torch.Tensor, ...]:
@@ -131,7 +135,7 @@ def _parameter_grads(
     g_2d = g.reshape(-1, g.shape[-1])
     x_2d = (x() if low is None else _operand(x())).reshape(-1, weight.shape[1])
     grad_w = _lowered(g_2d.t() @ x_2d, low) if need_weight else None
-    return grad_w, _lowered(g_2d.sum(0), low) if need_bias else None
+    return grad_w, _lowered(sum_rows(g_2d), low) if need_bias else None
 
 
 def _widened(x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
@@ -215,13 +219,15 @@ def _first_linear_grads(
     norm_params: tuple[torch.Tensor | None, ...],
     weight: torch.Tensor,
     needs: Sequence[bool],
+    grad_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for x, the norm's weight and bias, and the first linear layer's weight and bias (`needs` in that
-    order) from the gradient of that layer's output; its input is recomputed only if its weight needs it."""
+    order; the bias's as given, if it is) from the gradient of that layer's output; its input is recomputed only if
+    its weight needs it."""
     low, norm = ctx.low, ctx.norm
     *needs_in, need_w, need_b = needs
     x_in = functools.partial(_first_input_again, kept, norm, norm_params, low)
-    grad_in, grad_w, grad_b = _linear_grads(grad, x_in, weight, (any(needs_in), need_w, need_b), low)
+    grad_in, grad_w, grad_b = _linear_grads(grad, x_in, weight, (any(needs_in), need_w, need_b), low, grad_bias)
     return *_first_input_grads(grad_in, kept, norm, norm_params, needs_in, low), grad_w, grad_b
 
 
@@ -269,11 +275,12 @@ class _LeanMlp(torch.autograd.Function):
         *kept, hidden, norm_w, norm_b, w1, w2 = ctx.saved_tensors
         *needs_first, need_w2, need_b2 = ctx.needs_input_grad[2:]
         g, w = _grad_operands(grad, w2, ctx.low)
-        # GELU's gradient and its recomputed value (for fc2's weight gradient) in one pass over the hidden layer;
-        # in bf16 under low=BF16, like autocast's GELU
-        grad_hidden, activation = gelu_backward_and_value(_lowered(g @ w, ctx.low), hidden)
+        # GELU's gradient, its recomputed value (for fc2's weight gradient) and fc1's bias gradient in one pass over
+        # the hidden layer; in bf16 under low=BF16, like autocast's GELU
+        need_b1 = needs_first[-1]
+        grad_hidden, activation, grad_b1 = gelu_backward_and_value(_lowered(g @ w, ctx.low), hidden, need_b1)
         grad_w2, grad_b2 = _parameter_grads(g, lambda: activation, w2, need_w2, need_b2, ctx.low)
-        grads = _first_linear_grads(ctx, grad_hidden, kept, (norm_w, norm_b), w1, needs_first)
+        grads = _first_linear_grads(ctx, grad_hidden, kept, (norm_w, norm_b), w1, needs_first, grad_b1)
         return None, None, *_cast((*grads, grad_w2, grad_b2), ctx.dtypes)
 
 
