@@ -118,26 +118,12 @@ inline Lanes load(const c10::BFloat16* p, int64_t n = kLanes) {
   return std::bit_cast<Lanes>(__builtin_convertvector(halves, BitLanes) << 16);
 }
 
-// v rounded to bf16 (the bits in the low halves): to nearest, ties to even, NaN as a quiet NaN, as c10::BFloat16
-// rounds a float.
-inline BitLanes bf16_bits(Lanes v) {
+// The first n values of v rounded to bf16 and stored at p: to nearest, ties to even, NaN as a quiet NaN, as
+// c10::BFloat16 rounds a float.
+inline void store(c10::BFloat16* p, Lanes v, int64_t n = kLanes) {
   const BitLanes bits = std::bit_cast<BitLanes>(v);
   const BitLanes rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return v == v ? rounded : BitLanes{} + 0x7fc0u;
-}
-
-// v as a T stores it: itself for float, rounded to bf16 (and widened back) for bf16.
-template <typename T>
-inline Lanes as_stored(Lanes v) {
-  if constexpr (std::is_same_v<T, float>)
-    return v;
-  else
-    return std::bit_cast<Lanes>(bf16_bits(v) << 16);
-}
-
-// The first n values of v rounded to bf16 (bf16_bits) and stored at p.
-inline void store(c10::BFloat16* p, Lanes v, int64_t n = kLanes) {
-  const HalfLanes halves = __builtin_convertvector(bf16_bits(v), HalfLanes);
+  const HalfLanes halves = __builtin_convertvector(v == v ? rounded : BitLanes{} + 0x7fc0u, HalfLanes);
   if (n == kLanes) {
     std::memcpy(p, &halves, sizeof halves);
     return;

@@ -117,72 +117,76 @@ inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; 
 // p[0:kLanes] += v (p holds whole vectors: the tail lanes of v are zero).
 inline void add(float* p, Lanes v) { store(p, load(p) + v); }
 
-// Column sums of a (rows, n) matrix gathered while its values stream past in order: the stream is cut into periods
-// of lcm(n, kLanes) values, so that a period's vector v holds the same columns in every period, and each thread
-// sums its periods vector by vector, a block of kSumBlock periods into a block sum, then that into the thread's
-// sums (fewer rounding steps than one long sum). `columns` folds the threads' sums and the periods' columns.
+// The sums of the columns of a stream of rows of n values, fp32 or bf16, gathered as the values are written (or as
+// they are, with nothing to write): the stream is cut into periods of lcm(n, kLanes) values, so that a period's
+// vector v holds the same columns in every period, and periods into blocks of about kBlockValues, in L1. A thread
+// writes a block in the stream's order (write(i, k): the k values from i), then sums it down the periods, up to
+// kGroup vectors at a time with their sums in registers, into its own sums (fewer rounding steps than one long
+// sum); `columns` folds the threads' sums and the periods' columns, and the stream's last values short of a period.
+template <typename T>
 class ColumnSums {
  public:
-  explicit ColumnSums(int64_t n)
-      : n_(n), period_(std::lcm(n, kLanes)), sums_(at::get_num_threads() * period_, 0.0f), tail_(n, 0.0f) {}
+  ColumnSums(const T* values, int64_t total, int64_t n)
+      : values_(values),
+        total_(total),
+        n_(n),
+        period_(std::lcm(std::max<int64_t>(n, 1), kLanes)),
+        block_(std::max<int64_t>(8, kBlockValues / period_)),
+        sums_(at::get_num_threads() * period_, 0.0f) {}
 
-  int64_t period() const { return period_; }
-
-  // Adds, on the calling thread, value(i, kLanes) for each vector of the periods [begin, end): i is the vector's
-  // first value in the stream, and value returns the kLanes values to sum (computing or writing them as it goes).
-  template <typename Value>
-  void add_periods(int64_t begin, int64_t end, Value&& value) {
-    float* thread_sums = sums_.data() + at::get_thread_num() * period_;
-    std::vector<float> block(period_);
-    for (int64_t first = begin; first < end; first += kSumBlock) {
-      std::fill(block.begin(), block.end(), 0.0f);
-      for (int64_t p = first; p < std::min(end, first + kSumBlock); ++p) {
-        for (int64_t v = 0; v < period_; v += kLanes)
-          add(block.data() + v, value(p * period_ + v, std::integral_constant<int64_t, kLanes>{}));
+  // Writes (write(i, k)) and sums the whole stream, in parallel; returns the n column sums (fp32).
+  template <typename Write>
+  at::Tensor operator()(Write&& write) {
+    if (total_ == 0) return at::zeros({n_}, at::TensorOptions().dtype(at::kFloat));
+    const int64_t periods = total_ / period_, blocks = (periods + block_ - 1) / block_;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      float* thread_sums = sums_.data() + at::get_thread_num() * period_;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t first = b * block_, count = std::min(periods, first + block_) - first;
+        for_each_chunk(count * period_, [&](int64_t c, auto k) { write(first * period_ + c, k); });
+        add_block(values_ + first * period_, count, thread_sums);
       }
-      for (int64_t v = 0; v < period_; v += kLanes) add(thread_sums + v, load(block.data() + v));
-    }
-  }
-
-  // Adds value(i, k) for the values [begin, end) of the stream, from a period's start (one thread).
-  template <typename Value>
-  void add_values(int64_t begin, int64_t end, Value&& value) {
-    for_each_chunk(end - begin, [&](int64_t c, auto k) {
-      const Lanes v = value(begin + c, k);
-      for (int64_t lane = 0; lane < k; ++lane) tail_[(c + lane) % n_] += v[lane];
     });
+    const int64_t rest = periods * period_;
+    for_each_chunk(total_ - rest, [&](int64_t c, auto k) { write(rest + c, k); });
+    return columns(rest);
   }
 
-  // The n column sums (fp32).
-  at::Tensor columns() const {
-    auto out = at::empty({n_}, at::TensorOptions().dtype(at::kFloat));
+ private:
+  static constexpr int64_t kBlockValues = 8192;
+  static constexpr int kGroup = 8;
+
+  // Adds the `count` periods from `block` into `thread_sums`, kGroup vectors at a time, then one at a time.
+  void add_block(const T* block, int64_t count, float* thread_sums) const {
+    int64_t v = 0;
+    for (; v + kGroup * kLanes <= period_; v += kGroup * kLanes) add_group<kGroup>(block + v, count, thread_sums + v);
+    for (; v < period_; v += kLanes) add_group<1>(block + v, count, thread_sums + v);
+  }
+
+  template <int G>
+  void add_group(const T* first, int64_t count, float* thread_sums) const {
+    Lanes acc[G] = {};
+    for (int64_t p = 0; p < count; ++p) {
+      for (int j = 0; j < G; ++j) acc[j] += load(first + p * period_ + j * kLanes);
+    }
+    for (int j = 0; j < G; ++j) add(thread_sums + j * kLanes, acc[j]);
+  }
+
+  // The threads' sums folded by column, with the values from `rest` on (less than a period) added one by one.
+  at::Tensor columns(int64_t rest) const {
+    auto out = at::zeros({n_}, at::TensorOptions().dtype(at::kFloat));
     float* dst = out.data_ptr<float>();
-    for (int64_t c = 0; c < n_; ++c) {
-      float total = tail_[c];
-      for (int64_t t = 0; t < static_cast<int64_t>(sums_.size()); t += period_)
-        for (int64_t j = c; j < period_; j += n_) total += sums_[t + j];
-      dst[c] = total;
+    for (int64_t i = rest; i < total_; ++i) dst[(i - rest) % n_] += static_cast<float>(values_[i]);
+    for (int64_t t = 0; t < static_cast<int64_t>(sums_.size()); t += period_) {
+      for (int64_t j = 0; j < period_; ++j) dst[j % n_] += sums_[t + j];
     }
     return out;
   }
 
- private:
-  int64_t n_, period_;
-  std::vector<float> sums_, tail_;
+  const T* values_;
+  int64_t total_, n_, period_, block_;
+  std::vector<float> sums_;
 };
-
-// The column sums of a stream of `total` values in rows of n, value(i, k) giving (computing, writing) the k values
-// from i, called once for each vector of the stream, in parallel.
-template <typename Value>
-at::Tensor column_sums_of(int64_t total, int64_t n, Value&& value) {
-  if (total == 0) return at::zeros({n}, at::TensorOptions().dtype(at::kFloat));
-  ColumnSums sums(n);
-  const int64_t period = sums.period(), periods = total / period;
-  at::parallel_for(0, periods, std::max<int64_t>(1, 2048 / period),
-                   [&](int64_t begin, int64_t end) { sums.add_periods(begin, end, value); });
-  sums.add_values(periods * period, total, value);
-  return sums.columns();
-}
 
 struct Normal {
   Lanes cdf, pdf;  // Phi(x) and phi(x) of the standard normal distribution
@@ -389,12 +393,10 @@ std::tuple<at::Tensor, at::Tensor> gelu_backward_and_value(at::Tensor& grad, con
       const Lanes v = load(src + i, k);
       const Normal n = normal(v);
       store(dst + i, v * n.cdf, k);
-      const Lanes grad_x = load(g + i, k) * (n.cdf + v * n.pdf);  // gelu'(x) = Phi(x) + x phi(x)
-      store(g + i, grad_x, k);
-      return as_stored<T>(grad_x);
+      store(g + i, load(g + i, k) * (n.cdf + v * n.pdf), k);  // gelu'(x) = Phi(x) + x phi(x)
     };
-    if (sums)
-      column_sums = column_sums_of(x.numel(), x.size(-1), step);
+    if (sums)  // of the gradient as written (bf16: rounded)
+      column_sums = ColumnSums<T>(g, x.numel(), x.size(-1))(step);
     else
       for_each_chunk_parallel(x.numel(), step);
   });
@@ -406,7 +408,8 @@ at::Tensor column_sums(const at::Tensor& x) {
   TORCH_CHECK(x.dim() > 0, "column sums: expected rows, got a 0-d tensor");
   at::Tensor sums;
   with_element_type(x, [&](const auto* src) {
-    sums = column_sums_of(x.numel(), x.size(-1), [&](int64_t i, auto k) { return load(src + i, k); });
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
+    sums = ColumnSums<T>(src, x.numel(), x.size(-1))([](int64_t, auto) {});  // nothing to write
   });
   return sums;
 }
