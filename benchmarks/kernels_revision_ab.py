@@ -118,7 +118,8 @@ def main() -> None:
         raise SystemExit("the CPU kernels could not be built here; nothing to compare")
     with tempfile.TemporaryDirectory() as workdir:
         other = kernels.build_cpu_kernels(directory=revision_sources(args.against, Path(workdir)))
-    missing = [name for name in dir(mine) if not name.startswith("_") and not hasattr(other, name)]
+    functions = [name for name in dir(mine) if not name.startswith("_") and callable(getattr(mine, name))]
+    missing = [name for name in functions if not hasattr(other, name)]
     if missing:  # its other functions' signatures may differ too: the Python here calls this tree's
         raise SystemExit(f"--against {args.against}: its kernels lack {', '.join(missing)}, which this tree calls")
     builds = {"this tree": mine, args.against: other}

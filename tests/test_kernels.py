@@ -242,6 +242,33 @@ def test_gelu_backward_and_value_matches_float64_and_its_special_values() -> Non
     torch.testing.assert_close(sums, grad_out.sum(0))
 
 
+def as_stored(t: torch.Tensor) -> torch.Tensor:
+    """fp32 t rounded to bf16 as the kernels store it: as torch rounds, but where the build rounds by AVX512-BF16's
+    instruction, values below fp32's normal range become zeros of their sign."""
+    if cpu_kernels().bf16_flushes_subnormals:
+        t = torch.where(t.abs() < torch.finfo(torch.float32).tiny, t * 0.0, t)
+    return t.bfloat16()
+
+
+@needs_kernels
+def test_bf16_stores_round_to_nearest_even_and_flush_only_where_the_instruction_does() -> None:
+    """The kernels' bf16 rounding (here the GELU gradient at x = 0, g / 2): ties to even, infinities and NaN kept,
+    and fp32 subnormal results zero (of their sign) only in a build with AVX512-BF16's instruction."""
+    halves = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-7 + 2**-8), 3.0, math.inf, -math.inf, math.nan])
+    subnormal = torch.tensor([2e-38, -6e-39, 2.2e-38, 0.0])  # halved: below 1.2e-38
+    grad = torch.cat([halves * 2, subnormal]).bfloat16()
+    out = grad.clone()
+    kernels.gelu_backward_and_value(out, torch.zeros_like(grad))
+    expected = (grad.float() * 0.5).bfloat16()
+    torch.testing.assert_close(out[:7], expected[:7], atol=0, rtol=0, equal_nan=True)
+    if cpu_kernels().bf16_flushes_subnormals:
+        assert out[7:].float().tolist() == [0.0, 0.0, 0.0, 0.0]
+        assert torch.ones(4).copysign(out[7:].float()).tolist() == [1.0, -1.0, 1.0, 1.0]
+    else:
+        torch.testing.assert_close(out[7:], expected[7:], atol=0, rtol=0)
+    torch.testing.assert_close(out, as_stored(grad.float() * 0.5), atol=0, rtol=0, equal_nan=True)
+
+
 @needs_kernels
 def test_gelu_backward_and_value_over_bf16_is_the_fp32_kernel_rounded() -> None:
     """bf16 (the lean MLP's hidden layer under bf16 autocast): the fp32 computation of the same values, both
@@ -251,8 +278,8 @@ def test_gelu_backward_and_value_over_bf16_is_the_fp32_kernel_rounded() -> None:
     grad_out, value, _ = kernels.gelu_backward_and_value(grad.clone(), x)
     wide_grad, wide_value, _ = kernels.gelu_backward_and_value(grad.float(), x.float())
     assert grad_out.dtype == value.dtype == torch.bfloat16
-    torch.testing.assert_close(value, wide_value.bfloat16(), atol=0, rtol=0, equal_nan=True)
-    torch.testing.assert_close(grad_out, wide_grad.bfloat16(), atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(value, as_stored(wide_value), atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(grad_out, as_stored(wide_grad), atol=0, rtol=0, equal_nan=True)
     finite = x.isfinite()
     one_step = {"atol": 1e-6, "rtol": 2**-7}  # ATen's fp32 GELU is 0 below -5.5, this one's tail 2e-7 there
     torch.testing.assert_close(value[finite], F.gelu(x)[finite], **one_step)

@@ -6,6 +6,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("lanes") = tnt_vision::kLanes;  // fp32 values per vector: 16 where built for AVX-512, else 8
+  module.attr("bf16_flushes_subnormals") = tnt_vision::kBf16FlushesSubnormals;  // AVX512-BF16's rounding
   module.def("word_attention_forward", &tnt_vision::word_attention_forward,
              "word attention forward (CPU, fp32 or bf16)");
   module.def("word_attention_backward", &tnt_vision::word_attention_backward,
