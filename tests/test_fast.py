@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import pytest
 import torch
@@ -255,6 +256,41 @@ def test_onednn_bf16_autocast_inference_computes_what_autocast_computes(monkeypa
             plain = model(images).float()
     assert calls["linear"] > 0
     assert (fast - plain).abs().max() <= TOLERANCE[torch.bfloat16] * plain.abs().max()
+
+
+@pytest.mark.skipif(
+    not (onednn.available() and emulated_bf16.bf16_hardware()), reason="this CPU has no bf16 products for oneDNN"
+)
+def test_bf16_training_products_are_onednn_linear_layers_computing_autocasts_linear() -> None:
+    """bf16 training's lean functions multiply by oneDNN's linear layer (the bias in its epilogue, no copy into the
+    output first): autocast's bf16 linear up to the order of the sums, and the same gradients as with ATen's
+    products (`benchmarks/lean_linear_ab.py`'s other contender), whose sizes are the model's."""
+    ab = benchmark_module("lean_linear_ab")
+    assert ab.layers(create_model("tnt_s_patch16_224").cfg, batch=32)["outer fc1"] == (6304, 384, 1536)
+    x, weight, bias = torch.randn(2, 7, 16).bfloat16(), torch.randn(32, 16).bfloat16(), torch.randn(32).bfloat16()
+    out = emulated_bf16._bf16_product(x, weight, bias)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = torch.nn.functional.linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=1e-30, rtol=2**-7)
+
+    model = randomize_(create_model("tnt_s_patch16_224", **TINY)).train()
+    images = torch.randn(2, 3, 32, 32)
+    calls: Counter[str] = Counter()
+    original = torch.ops.mkldnn._linear_pointwise
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.update(["onednn"])
+        return original(*args)
+
+    with mock.patch.object(torch.ops.mkldnn, "_linear_pointwise", counted):
+        out, grads = forward_backward(model, images, torch.bfloat16)
+    assert calls["onednn"] > 0
+    with ab.aten_products():
+        aten_out, aten_grads = forward_backward(model, images, torch.bfloat16)
+    torch.testing.assert_close(out, aten_out, atol=1e-2, rtol=2**-6)
+    for a, b in zip(grads, aten_grads, strict=True):
+        assert (a - b).abs().max() <= TOLERANCE[torch.bfloat16] * b.abs().max().clamp(min=1e-6)
 
 
 @pytest.mark.parametrize("epilogue", [False, True, None], ids=["aten", "epilogue", "default"])

@@ -96,7 +96,23 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
     """`F.linear`; with `low=BF16`, autocast's bf16 linear of a bf16 input (bf16 output; see `_operand`)."""
     if low is None:
         return F.linear(x, weight, bias)
-    return _lowered(F.linear(_operand(x), _operand(weight), None if bias is None else _operand(bias)), low)
+    operands = _operand(x), _operand(weight), None if bias is None else _operand(bias)
+    return _lowered(_bf16_product(*operands) if operands[0].dtype == BF16 else F.linear(*operands), low)
+
+
+def _bf16_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` of bf16 operands (fp32 accumulation, bf16 output): by oneDNN's linear layer where it is built in,
+    which adds the bias to each tile of the product, where ATen's addmm first copies it into every row of the output
+    (TNT-S at batch 32, 2 threads: the outer fc1 3.6 against 5.5 ms, the inner one 1.4 against 3.0)."""
+    if onednn_linear_available() and x.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch has oneDNN's linear layer (`torch.ops.mkldnn._linear_pointwise`; `onednn.available`)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _linear_grads(

@@ -26,6 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ENV_SWITCH, capturing_graph, residual_add, residual_add_applies, switched_on
 from .emulated_bf16 import BF16, native_bf16_autocast
+from .emulated_bf16 import onednn_linear_available as available
 
 # oneDNN's exact GELU as the GEMM's epilogue against ATen's GELU in place on the output. In fp32 the two give the
 # same bits. On the AVX2 development machine the epilogue made TNT-S fp32 inference at batch 32 5-7% slower in all
@@ -36,11 +37,6 @@ from .emulated_bf16 import BF16, native_bf16_autocast
 # applies the GELU before the output is rounded to bf16, where autocast rounds the product first: ATen's then.
 # None: the epilogue for fp32 where the CPU has AVX-512; True or False: for every dtype, or never.
 GELU_EPILOGUE: bool | None = None
-
-
-@functools.cache
-def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @functools.cache
