@@ -293,6 +293,42 @@ def test_bf16_training_products_are_onednn_linear_layers_computing_autocasts_lin
         assert (a - b).abs().max() <= TOLERANCE[torch.bfloat16] * b.abs().max().clamp(min=1e-6)
 
 
+def test_explicit_bf16_attention_computes_the_explicit_paths_attention_and_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`explicit_attention_bf16` (bf16 training's outer attention on a CPU with bf16 products): the explicit path's
+    output under bf16 autocast, bit for bit, and its gradient for the projection within one bf16 step; against
+    float64 within bf16's rounding. Taken in bf16 training only, not with attention dropout or in the explicit
+    path."""
+    attn = Attention(64, 4).train()
+    qkv = (torch.randn(3, 11, 192) * 2).bfloat16().requires_grad_()
+    grad = torch.randn(3, 11, 64).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = emulated_bf16.explicit_attention_bf16(qkv, 4, attn.scale)
+        with fused_attention(False):
+            expected = attn.mix(qkv)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    (grad_qkv,) = torch.autograd.grad(out, qkv, grad)
+    (expected_grad,) = torch.autograd.grad(expected, qkv, grad)
+    torch.testing.assert_close(grad_qkv, expected_grad, atol=1e-2 * expected_grad.abs().max().item(), rtol=2**-7)
+    wide = qkv.detach().double().requires_grad_()
+    q, k, v = wide.view(3, 11, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    exact = (torch.softmax(q @ k.transpose(-2, -1) * attn.scale, -1) @ v).transpose(1, 2).reshape(3, 11, 64)
+    (exact_grad,) = torch.autograd.grad(exact, wide, grad.double())
+    assert (out.double() - exact).abs().max() <= 2e-2 * exact.abs().max()
+    assert (grad_qkv.double() - exact_grad).abs().max() <= 3e-2 * exact_grad.abs().max()
+
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert attn.explicit_bf16_applies(qkv)
+        assert not attn.explicit_bf16_applies(qkv.float())
+        assert not attn.explicit_bf16_applies(qkv.detach())  # no gradient recorded: inference
+        with fused_attention(False):
+            assert not attn.explicit_bf16_applies(qkv)
+        assert not Attention(64, 4, attn_drop=0.1).train().explicit_bf16_applies(qkv)
+    assert not attn.explicit_bf16_applies(qkv)  # no autocast
+
+
 @pytest.mark.parametrize("epilogue", [False, True, None], ids=["aten", "epilogue", "default"])
 def test_onednn_gelu_in_place_or_as_epilogue(epilogue: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
     if not onednn.available():

@@ -385,3 +385,46 @@ def attention_projection_bf16(
     """`proj(mix(qkv))` as bf16 autocast computes it, by fp32 products, keeping only the bf16 q/k/v for backward."""
     with torch.autocast("cpu", enabled=False):
         return _AttentionProjection.apply(mix, qkv, proj.weight, proj.bias)
+
+
+class _ExplicitAttention(torch.autograd.Function):
+    """softmax(scale q k^T) v per head from the fused projection (B, N, 3C) to (B, N, C), all bf16, by explicit
+    products: what the model's explicit path computes under bf16 autocast, with fewer copies.
+
+    The explicit path scales q in its permuted layout, then the batched products copy q, k (transposed) and v into
+    contiguous blocks, and in backward the heads' gradients are stacked and then copied again into the projection's
+    layout. Here q (scaled), k and v are each copied once into (B, heads, N, d) blocks, k^T is a view the product
+    reads as it is, and the three gradients are written straight into the projection's layout (q's with its scale).
+    Kept for backward: the three blocks and the bf16 attention weights, as autograd keeps them there.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        batch, tokens, width = qkv.shape
+        q_in, k_in, v_in = qkv.view(batch, tokens, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
+        q = torch.mul(q_in, scale, out=torch.empty_like(q_in, memory_format=torch.contiguous_format))
+        k, v = k_in.contiguous(), v_in.contiguous()
+        weights = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.scale = scale
+        return (weights @ v).transpose(1, 2).reshape(batch, tokens, width // 3)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, weights = ctx.saved_tensors
+        batch, heads, tokens, dim = q.shape
+        grad_out = grad.view(batch, tokens, heads, dim).transpose(1, 2)
+        grad_scores = torch._softmax_backward_data(grad_out @ v.transpose(-2, -1), weights, -1, weights.dtype)
+        grad_qkv = torch.empty(batch, tokens, 3, heads, dim, dtype=grad.dtype)
+        grad_q, grad_k, grad_v = grad_qkv.permute(2, 0, 3, 1, 4)
+        torch.mul(grad_scores @ k, ctx.scale, out=grad_q)
+        grad_k.copy_(grad_scores.transpose(-2, -1) @ q)
+        grad_v.copy_(weights.transpose(-2, -1) @ grad_out)
+        return grad_qkv.view(batch, tokens, 3 * heads * dim), None, None
+
+
+def explicit_attention_bf16(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Multi-head attention from a bf16 fused projection (B, N, 3C) by explicit products (`_ExplicitAttention`):
+    for bf16 training on a CPU with bf16 products, where `scaled_dot_product_attention`'s backward is slower."""
+    with torch.autocast("cpu", enabled=False):
+        return _ExplicitAttention.apply(qkv, heads, scale)

@@ -29,6 +29,7 @@ from ..kernels.emulated_bf16 import (
     attention_bf16,
     attention_projection_bf16,
     emulating_bf16,
+    explicit_attention_bf16,
     fused_linear,
     fused_mlp,
     native_bf16_autocast,
@@ -160,6 +161,8 @@ class Attention(nn.Module):
         B, N, C3 = qkv.shape
         if self.word_kernel_applies(qkv, N):
             return word_attention(qkv, self.num_heads, self.scale)
+        if self.explicit_bf16_applies(qkv):
+            return explicit_attention_bf16(qkv, self.num_heads, self.scale)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return self.attend(q, k, v).transpose(1, 2).reshape(B, N, C3 // 3)  # attend: (B, heads, N, head_dim)
 
@@ -167,6 +170,13 @@ class Attention(nn.Module):
         """The compiled kernel serves short sequences (TNT's words) on the CPU, without attention dropout."""
         dropout = self.training and self.attn_drop > 0
         return fused_attention_enabled() and not dropout and word_attention_applies(qkv, tokens, self.head_dim)
+
+    def explicit_bf16_applies(self, qkv: torch.Tensor) -> bool:
+        """bf16 training on a CPU with bf16 products (`bf16_training_on_cpu`) takes `explicit_attention_bf16`: the
+        explicit path's products with fewer copies; not with attention dropout, nor while a graph is captured."""
+        dropout = self.training and self.attn_drop > 0
+        fits = qkv.dtype == BF16 and qkv.is_contiguous() and not dropout and fused_attention_enabled()
+        return fits and bf16_training_on_cpu(qkv) and not capturing_graph()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.attn_drop if self.training else 0.0
