@@ -4,21 +4,34 @@
 
 Under bf16 autocast on a CPU with bf16 products, training computes the outer attention by explicit products
 (`scaled_dot_product_attention`'s backward is slower there). The model's explicit path copies q, k (transposed)
-and v before its products and the gradients twice after them; `explicit_attention_bf16` copies each once. First
-the outer attention alone (forward and backward) at the model's size for --batch, both results checked against
-each other, then the whole training step (forward, backward, AdamW) with one or the other, alternating
-(`bench.interleaved_times`: warm-up, order rotated each round). Medians with the batch, threads and machine.
+and v before its products and the gradients twice after them; `explicit_attention_bf16` copies each once, and
+takes the compiled softmax (`kernels.softmax_rows`). Three contenders: `explicit_attention_bf16`, the same with
+ATen's softmax, and the explicit path. First the outer attention alone (forward and backward) at the model's size
+for --batch, the results checked against each other, then the whole training step (forward, backward, AdamW),
+alternating (`bench.interleaved_times`: warm-up, order rotated each round). Medians with the batch, threads and
+machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from unittest import mock
 
 import torch
 
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, never, operator_medians_ms, set_threads
+from tnt_vision.bench import (
+    ab_parser,
+    cpu_name,
+    medians_ms,
+    model_ab_times,
+    never,
+    operator_medians_ms,
+    set_threads,
+    within,
+)
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import create_model
 from tnt_vision.models.layers import Attention, fused_attention
@@ -28,6 +41,19 @@ from tnt_vision.models.layers import Attention, fused_attention
 def explicit_path() -> Iterator[None]:
     with mock.patch.object(Attention, "explicit_bf16_applies", never):
         yield
+
+
+def aten_softmax(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, -1)
+
+
+@contextlib.contextmanager
+def atens_softmax() -> Iterator[None]:
+    with mock.patch.object(emulated_bf16, "softmax_rows", aten_softmax):
+        yield
+
+
+VARIANTS = {"ours": None, "ATen's softmax": atens_softmax, "explicit path": explicit_path}
 
 
 def forward_backward(attn: Attention, qkv: torch.Tensor, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -45,19 +71,19 @@ def operator(model: str, batch: int, rounds: int) -> None:
     attn = Attention(cfg.outer_dim, cfg.outer_heads).train()
     qkv = torch.randn(batch, tokens, 3 * cfg.outer_dim).bfloat16().requires_grad_()
     grad = torch.randn(batch, tokens, cfg.outer_dim).bfloat16()
-    ours = forward_backward(attn, qkv, grad)
+    call = forward_backward(attn, qkv, grad)
+    calls = {name: call if context is None else in_context(call, context) for name, context in VARIANTS.items()}
+    results = [call() for call in calls.values()]
+    for other in results[1:]:
+        torch.testing.assert_close(results[0], other, atol=1e-2 * other.abs().max().item(), rtol=2**-7)
+    ms = operator_medians_ms(calls, rounds)
+    print(f"  outer attention {(batch, tokens, 3 * cfg.outer_dim)}, {cfg.outer_heads} heads, forward + backward:")
+    print("    " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
 
-    def explicit() -> torch.Tensor:
-        with explicit_path():
-            return ours()
 
-    torch.testing.assert_close(ours(), explicit(), atol=1e-2, rtol=2**-7)
-    ms = operator_medians_ms({"ours": ours, "explicit": explicit}, rounds)
-    shape = (batch, tokens, 3 * cfg.outer_dim)
-    print(
-        f"  outer attention {shape}, {cfg.outer_heads} heads, forward + backward: explicit_attention_bf16 "
-        f"{ms['ours']:.2f} ms, the explicit path {ms['explicit']:.2f} ms ({ms['explicit'] / ms['ours']:.2f}x)"
-    )
+def in_context(call: Callable[[], torch.Tensor], context: Callable[[], AbstractContextManager]) -> Callable[[], object]:
+    """call inside a fresh context() at each call (`bench.within` for an argument-free call)."""
+    return functools.partial(within(lambda _: call(), context), None)
 
 
 def main() -> None:
@@ -69,11 +95,8 @@ def main() -> None:
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians, bf16, batch {args.batch}:")
     with fused_attention(True):
         operator(args.model, args.batch, max(args.rounds, 12))
-    ms = medians_ms(model_ab_times(args, {"ours": None, "explicit": explicit_path}, dtype="bf16"))
-    print(
-        f"{args.model} training step: explicit_attention_bf16 {ms['ours']:.0f} ms, the explicit path "
-        f"{ms['explicit']:.0f} ms ({ms['explicit'] / ms['ours']:.3f}x)"
-    )
+    ms = medians_ms(model_ab_times(args, VARIANTS, dtype="bf16"))
+    print(f"{args.model} training step: " + ", ".join(f"{name} {t:.0f} ms" for name, t in ms.items()))
 
 
 if __name__ == "__main__":

@@ -311,6 +311,32 @@ def test_gelu_backward_sums_the_columns_of_the_gradient_it_writes(dtype: torch.d
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_rows_matches_float64_and_atens_special_values(dtype: torch.dtype) -> None:
+    """The softmax kernel (bf16 training's attention weights) against float64 over rows of whole vectors, tails and
+    both, in fp32 or rounded once to bf16; -inf scores give exact zeros, a NaN or an all -inf row NaN, as ATen's."""
+    for width in (1, 7, 16, 197, 300):
+        x = (torch.randn(5, 3, width) * 4).to(dtype)
+        out = kernels.softmax_rows(x)
+        expected = torch.softmax(x.double(), -1)
+        assert out.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), expected, atol=1e-7, rtol=1e-6)
+        else:
+            torch.testing.assert_close(out, as_stored(expected.float()), atol=1e-6, rtol=2**-8)
+    x = torch.randn(4, 40).to(dtype)
+    x[0, 3], x[1, 5], x[2] = -math.inf, math.nan, -math.inf
+    x[3, 7] = 1e30  # no overflow: the largest score is subtracted first
+    out, expected = kernels.softmax_rows(x), torch.softmax(x.float(), -1)
+    assert out[0, 3] == 0
+    assert out[1:3].isnan().all()
+    torch.testing.assert_close(out.float(), expected, atol=1e-6, rtol=2**-7, equal_nan=True)
+    for other in (torch.randn(3, 9, requires_grad=True), torch.randn(9, 3).t(), torch.randn(3, 9).double()):
+        assert not kernels.elementwise_applies(other)  # ATen's softmax
+        torch.testing.assert_close(kernels.softmax_rows(other), torch.softmax(other, -1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sum_rows_matches_float64_over_periods_tails_and_blocks(dtype: torch.dtype) -> None:
     """A linear layer's bias gradient, summed over all but the last dimension in fp32 and returned in the input's
     dtype: rows of whole vectors and not (a period of several rows), streams ending inside a period, more periods
@@ -362,6 +388,7 @@ def test_the_8_lane_build_computes_what_the_16_lane_build_does() -> None:
         rows = x[:9990].view(-1, 45)  # column sums over periods of 720 values (16 rows), then 14 rows
         same("gelu_backward_and_value", (torch.randn_like(rows), rows, True), tolerance)
         same("column_sums", (rows,), tolerance)
+        same("softmax_rows", (rows * 3,), tolerance)
     for width in (7, 24, 40, 384):
         x, weight, bias = torch.randn(301, width), torch.randn(width), torch.randn(width)
         same("layer_norm", (x, weight, bias, 1e-5, False), fp32)

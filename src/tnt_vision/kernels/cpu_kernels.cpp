@@ -19,5 +19,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "LayerNorm backward (CPU, fp32; the gradient also bf16)");
   module.def("gelu_backward_and_value", &tnt_vision::gelu_backward_and_value,
              "exact GELU's gradient in place of grad, its value and optionally its column sums (CPU, fp32 or bf16)");
+  module.def("softmax_rows", &tnt_vision::softmax_rows, "softmax over the last dimension (CPU, fp32 or bf16)");
   module.def("column_sums", &tnt_vision::column_sums, "sums over all but the last dimension (CPU, fp32 or bf16)");
 }

@@ -43,6 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
 // with `sums`, the fp32 sums of the gradient's columns as written (the bias gradient of a linear layer before the
 // GELU), else an undefined tensor (None).
 std::tuple<at::Tensor, at::Tensor> gelu_backward_and_value(at::Tensor& grad, const at::Tensor& x, bool sums);
+// rows.cpp: softmax over the last dimension of a contiguous fp32 or bf16 tensor (computed in fp32, rounded once).
+at::Tensor softmax_rows(const at::Tensor& x);
 // rows.cpp: the sums of a contiguous fp32 or bf16 tensor's columns (over all but its last dimension), in fp32.
 at::Tensor column_sums(const at::Tensor& x);
 

@@ -39,6 +39,7 @@ from . import (
     gelu_backward_and_value,
     native_layer_norm,
     native_layer_norm_backward,
+    softmax_rows,
     sum_rows,
     switched_on,
 )
@@ -395,7 +396,8 @@ class _ExplicitAttention(torch.autograd.Function):
     contiguous blocks, and in backward the heads' gradients are stacked and then copied again into the projection's
     layout. Here q (scaled), k and v are each copied once into (B, heads, N, d) blocks, k^T is a view the product
     reads as it is, and the three gradients are written straight into the projection's layout (q's with its scale).
-    Kept for backward: the three blocks and the bf16 attention weights, as autograd keeps them there.
+    The softmax is the compiled kernel's (`softmax_rows`) where it applies. Kept for backward: the three blocks and the
+    bf16 attention weights, as autograd keeps them there.
     """
 
     @staticmethod
@@ -404,7 +406,7 @@ class _ExplicitAttention(torch.autograd.Function):
         q_in, k_in, v_in = qkv.view(batch, tokens, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
         q = torch.mul(q_in, scale, out=torch.empty_like(q_in, memory_format=torch.contiguous_format))
         k, v = k_in.contiguous(), v_in.contiguous()
-        weights = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        weights = softmax_rows(q @ k.transpose(-2, -1))
         ctx.save_for_backward(q, k, v, weights)
         ctx.scale = scale
         return (weights @ v).transpose(1, 2).reshape(batch, tokens, width // 3)

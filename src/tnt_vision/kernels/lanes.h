@@ -3,6 +3,7 @@
 // are the elementwise functions the CPU kernels share.
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -189,6 +190,12 @@ inline float sum_lanes(Lanes v) {
   q += __builtin_shufflevector(q, q, 2, 3, 0, 1);
   q += __builtin_shufflevector(q, q, 1, 0, 3, 2);
   return q[0];
+}
+
+inline float max_lanes(Lanes v) {
+  float m = v[0];
+  for (int64_t i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
 }
 
 // exp(x) for x <= 0 (softmax arguments after subtracting the maximum), as Cephes' expf: x = n ln2 + r with

@@ -16,6 +16,8 @@
 //   (the lean MLP under bf16 autocast): read widened, computed in fp32, both results rounded as they are written.
 //   It can also sum the gradient's columns as it writes them: the bias gradient of the linear layer before the GELU,
 //   which ATen's sum would read again.
+// - Softmax over the last dimension (bf16 attention weights in bf16 training's explicit attention: ATen's bf16
+//   softmax over TNT-S's 197 tokens runs at a third of the speed of one pass in fp32 with a bf16 store).
 // - The sums of a matrix's columns (a linear layer's bias gradient), fp32 or bf16, where ATen's reduction over the
 //   rows of TNT's narrow and bf16 gradients runs at a fraction of the memory's speed.
 #include <ATen/ATen.h>
@@ -23,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -401,6 +404,38 @@ std::tuple<at::Tensor, at::Tensor> gelu_backward_and_value(at::Tensor& grad, con
       for_each_chunk_parallel(x.numel(), step);
   });
   return {value, column_sums};
+}
+
+at::Tensor softmax_rows(const at::Tensor& x) {
+  check_elementwise(x, "softmax");
+  TORCH_CHECK(x.dim() > 0, "softmax: expected rows, got a 0-d tensor");
+  auto out = at::empty_like(x);
+  const int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
+  with_element_type(x, [&](auto* src) {
+    using T = std::remove_pointer_t<decltype(src)>;
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> exps(round_up(n));  // a row's exponentials, in L1 until they are scaled
+      for (int64_t r = begin; r < end; ++r) {
+        const T* row = src + r * n;
+        Lanes top = splat(-std::numeric_limits<float>::infinity());
+        for_each_chunk(n, [&](int64_t c, auto k) {
+          const Lanes v = load(row + c, k);
+          top = v > top && (k == kLanes || first_lanes(k)) ? v : top;
+        });
+        const float largest = max_lanes(top);
+        const float total = row_sum(n, [&](int64_t c, auto k) {
+          const Lanes d = load(row + c, k) - largest;  // exp(d) is 0 in fp32 below -103.3; -inf's is exactly 0
+          const Lanes e = only_first(k, d < -87.0f ? Lanes{} : exp_nonpositive(d));
+          store(exps.data() + c, e);
+          return e;
+        });
+        const float scale = 1.0f / total;
+        for_each_chunk(n, [&](int64_t c, auto k) { store(dst + r * n + c, load(exps.data() + c) * scale, k); });
+      }
+    });
+  });
+  return out;
 }
 
 at::Tensor column_sums(const at::Tensor& x) {
