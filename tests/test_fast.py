@@ -394,12 +394,13 @@ def test_bf16_training_on_a_cpu_with_bf16_products_attends_by_explicit_products(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """There `scaled_dot_product_attention`'s backward is slow: the sentences' attention takes explicit products
-    (the words' the kernel), with SDPA's results; inference and CPUs without bf16 products keep SDPA."""
+    (`explicit_attention_bf16`; the words' the kernel), with SDPA's results; inference and CPUs without bf16
+    products keep SDPA."""
     attention = randomized(Attention(64, 2)).train()
     x = torch.randn(3, 70, 64, requires_grad=True)  # more tokens than the word kernel takes
     calls: list[int] = []
-    original = Attention.attention_map
-    monkeypatch.setattr(Attention, "attention_map", lambda *a: calls.append(1) or original(*a))
+    original = layers.explicit_attention_bf16
+    monkeypatch.setattr(layers, "explicit_attention_bf16", lambda *a: calls.append(1) or original(*a))
     results = []
     for hardware in (True, False):
         monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda hardware=hardware: hardware)
