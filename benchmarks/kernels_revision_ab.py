@@ -63,17 +63,24 @@ def answering(build: ModuleType) -> Iterator[None]:
 def operators(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         print(f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}, batch {args.batch}:")
-        for what, call in operator_calls(create_model(args.model).cfg, args.batch, dtype).items():
+        for what, (function, call) in operator_calls(create_model(args.model).cfg, args.batch, dtype).items():
+            if not all(hasattr(build, function) for build in builds.values()):
+                print(f"  {what}: not in {args.against}'s kernels")
+                continue
             check_same(*(call(build) for build in builds.values()), bf16=dtype == torch.bfloat16)
             timed = {name: (lambda b=build, c=call: c(b)) for name, build in builds.items()}
             (this, that), (ours, theirs) = builds, operator_medians_ms(timed, args.rounds).values()
             print(f"  {what}: {this} {ours:.3f} ms, {that} {theirs:.3f} ms ({theirs / ours:.2f}x)")
 
 
-def operator_calls(cfg: TNTConfig, batch: int, dtype: torch.dtype) -> dict[str, Callable[[ModuleType], object]]:
-    """Each kernel at the model's sizes for `batch`, as a call on a build (its inputs made here, once, so that a
-    timed call is the kernel alone): the words' attention and its backward, their LayerNorm, the outer stream's
-    first residual addition with the second norm (the branch and the norm's output in `dtype`, into a fresh sum)."""
+def operator_calls(
+    cfg: TNTConfig, batch: int, dtype: torch.dtype
+) -> dict[str, tuple[str, Callable[[ModuleType], object]]]:
+    """Each kernel at the model's sizes for `batch`, as the build's function it needs and a call on a build (its
+    inputs made here, once, so that a timed call is the kernel alone): the words' attention and its backward, their
+    LayerNorm, the outer stream's first residual addition with the second norm (the branch and the norm's output in
+    `dtype`, into a fresh sum), the inner MLP's GELU backward with fc1's bias sums (the gradient copied into one
+    buffer first: the kernel writes over it), the outer attention's softmax and the column sums of a gradient."""
     sentences = batch * cfg.grid_size[0] * cfg.grid_size[1]
     qkv = torch.randn(sentences, cfg.num_words, 3 * cfg.inner_dim).to(dtype)
     grad = torch.randn(sentences, cfg.num_words, cfg.inner_dim).to(dtype)
@@ -87,11 +94,26 @@ def operator_calls(cfg: TNTConfig, batch: int, dtype: torch.dtype) -> dict[str, 
         out = torch.empty_like(stream)
         return out, build.add_rows(stream, branch, out, *outer, 1e-5, bf16)
 
+    hidden = torch.randn(sentences * cfg.num_words, int(cfg.inner_dim * cfg.mlp_ratio)).to(dtype)
+    hidden_grad, written = torch.randn_like(hidden), torch.empty_like(hidden)
+    tokens = stream.shape[1]
+    scores = (torch.randn(batch, cfg.outer_heads, tokens, tokens) * 3).to(dtype)
+
+    def gelu_backward(build: ModuleType) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in build.gelu_backward_and_value(written.copy_(hidden_grad), hidden, True))
+
     return {
-        f"word attention {tuple(qkv.shape)}": lambda b: b.word_attention_forward(qkv, heads, scale),
-        "its backward": lambda b: b.word_attention_backward(grad, qkv, heads, scale),
-        f"LayerNorm {tuple(words.shape)}": lambda b: b.layer_norm(words, *inner, 1e-5, bf16),
-        f"add + LayerNorm {tuple(stream.shape)}": add_and_norm,
+        f"word attention {tuple(qkv.shape)}": (
+            "word_attention_forward",
+            lambda b: b.word_attention_forward(qkv, heads, scale),
+        ),
+        "its backward": ("word_attention_backward", lambda b: b.word_attention_backward(grad, qkv, heads, scale)),
+        f"LayerNorm {tuple(words.shape)}": ("layer_norm", lambda b: b.layer_norm(words, *inner, 1e-5, bf16)),
+        f"add + LayerNorm {tuple(stream.shape)}": ("add_rows", add_and_norm),
+        # the GELU backward took its third argument (the sums) with column_sums
+        f"GELU backward + sums {tuple(hidden.shape)}": ("column_sums", gelu_backward),
+        f"softmax {tuple(scores.shape)}": ("softmax_rows", lambda b: b.softmax_rows(scores)),
+        f"column sums {tuple(hidden.shape)}": ("column_sums", lambda b: b.column_sums(hidden_grad)),
     }
 
 
@@ -118,13 +140,13 @@ def main() -> None:
         raise SystemExit("the CPU kernels could not be built here; nothing to compare")
     with tempfile.TemporaryDirectory() as workdir:
         other = kernels.build_cpu_kernels(directory=revision_sources(args.against, Path(workdir)))
-    functions = [name for name in dir(mine) if not name.startswith("_") and callable(getattr(mine, name))]
-    missing = [name for name in functions if not hasattr(other, name)]
-    if missing:  # its other functions' signatures may differ too: the Python here calls this tree's
-        raise SystemExit(f"--against {args.against}: its kernels lack {', '.join(missing)}, which this tree calls")
     builds = {"this tree": mine, args.against: other}
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians of {args.rounds} rounds")
     operators(builds, args)
+    functions = [name for name in dir(mine) if not name.startswith("_") and callable(getattr(mine, name))]
+    missing = [name for name in functions if not hasattr(other, name)]
+    if missing:  # its other functions' signatures may differ too: the Python here calls this tree's
+        raise SystemExit(f"--against {args.against}: its kernels lack {', '.join(missing)}: no whole-model run")
     variants = {"this tree": None, args.against: lambda: answering(other)}
     ms = medians_ms(model_ab_times(args, variants, dtype=args.dtype))
     mode = "training step" if args.train else "inference"
