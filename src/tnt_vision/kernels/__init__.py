@@ -230,7 +230,8 @@ def gelu_backward_and_value(
 def softmax_rows(x: torch.Tensor) -> torch.Tensor:
     """`torch.softmax(x, -1)`: by the compiled kernel for contiguous fp32 and bf16 CPU tensors where no gradient is
     recorded (computed in fp32 from one pass of exponentials, rounded once; ATen's bf16 softmax over rows of 197 takes
-    1.6x as long), else by ATen."""
+    1.6x as long), else by ATen. A row with a NaN or +inf, or all -inf, is NaN throughout (ATen's keeps the zeros
+    beside a +inf)."""
     if x.ndim > 0 and elementwise_applies(x):
         with torch.profiler.record_function("tnt_vision::softmax_rows"):
             return _kernels().softmax_rows(x)
@@ -292,8 +293,8 @@ def residual_add(
 
 
 def elementwise_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the elementwise kernels (the GELU's, the column sums) take these tensors: contiguous fp32 or bf16 CPU
-    ones, no gradient recorded for them, outside graph capture."""
+    """Whether the elementwise and row kernels (the GELU's, the softmax, the column sums) take these tensors:
+    contiguous fp32 or bf16 CPU ones, no gradient recorded for them, outside graph capture."""
     kinds = (torch.float32, torch.bfloat16)
     fits = all(t.device.type == "cpu" and t.dtype in kinds and t.is_contiguous() for t in tensors)
     return fits and not grad_recorded(tensors) and not capturing_graph() and kernels_available()
