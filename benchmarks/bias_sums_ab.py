@@ -24,7 +24,16 @@ from unittest import mock
 import torch
 
 from tnt_vision import kernels
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
+from tnt_vision.bench import (
+    ab_parser,
+    cpu_name,
+    medians_ms,
+    mlp_layers,
+    model_ab_line,
+    model_ab_times,
+    operator_medians_ms,
+    set_threads,
+)
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import create_model
 from tnt_vision.models.tnt import TNTConfig
@@ -53,15 +62,8 @@ def aten_sums() -> Iterator[None]:
 
 def gradients(cfg: TNTConfig, batch: int) -> dict[str, tuple[int, int]]:
     """The (rows, width) of the gradients whose columns the training step sums, by layer."""
-    words = batch * cfg.grid_size[0] * cfg.grid_size[1] * cfg.num_words
-    tokens = batch * (1 + cfg.grid_size[0] * cfg.grid_size[1])
-    inner_hidden, outer_hidden = int(cfg.inner_dim * cfg.mlp_ratio), int(cfg.outer_dim * cfg.mlp_ratio)
-    return {
-        "inner fc1": (words, inner_hidden),
-        "inner fc2, projection": (words, cfg.inner_dim),
-        "outer fc1": (tokens, outer_hidden),
-        "outer fc2, projection": (tokens, cfg.outer_dim),
-    }
+    also = {"inner fc2": "inner fc2, projection", "outer fc2": "outer fc2, projection"}  # the same sizes
+    return {also.get(name, name): (rows, width) for name, (rows, _, width) in mlp_layers(cfg, batch).items()}
 
 
 def operators(cfg: TNTConfig, args: argparse.Namespace) -> None:
@@ -104,11 +106,7 @@ def main() -> None:
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
     operators(create_model(args.model).cfg, args)
     ms = medians_ms(model_ab_times(args, {"kernel sums": None, "ATen sums": aten_sums}, dtype=args.dtype))
-    mode = "training step" if args.train else "inference (no bias gradients: the two should be even)"
-    print(
-        f"{args.model} {mode}, batch {args.batch}, {args.dtype}: kernel sums {ms['kernel sums']:.0f} ms, "
-        f"ATen sums {ms['ATen sums']:.0f} ms ({ms['ATen sums'] / ms['kernel sums']:.3f}x)"
-    )
+    print(model_ab_line(args, ms, args.dtype))  # inference has no bias gradients: the two should be even
 
 
 if __name__ == "__main__":

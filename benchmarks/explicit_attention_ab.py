@@ -26,6 +26,7 @@ from tnt_vision.bench import (
     ab_parser,
     cpu_name,
     medians_ms,
+    model_ab_line,
     model_ab_times,
     never,
     operator_medians_ms,
@@ -95,8 +96,7 @@ def main() -> None:
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians, bf16, batch {args.batch}:")
     with fused_attention(True):
         operator(args.model, args.batch, max(args.rounds, 12))
-    ms = medians_ms(model_ab_times(args, VARIANTS, dtype="bf16"))
-    print(f"{args.model} training step: " + ", ".join(f"{name} {t:.0f} ms" for name, t in ms.items()))
+    print(model_ab_line(args, medians_ms(model_ab_times(args, VARIANTS, dtype="bf16")), "bf16"))
 
 
 if __name__ == "__main__":

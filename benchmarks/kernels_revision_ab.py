@@ -28,7 +28,15 @@ from unittest import mock
 import torch
 
 from tnt_vision import kernels
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
+from tnt_vision.bench import (
+    ab_parser,
+    cpu_name,
+    medians_ms,
+    model_ab_line,
+    model_ab_times,
+    operator_medians_ms,
+    set_threads,
+)
 from tnt_vision.models import create_model
 from tnt_vision.models.tnt import TNTConfig
 
@@ -148,12 +156,7 @@ def main() -> None:
     if missing:  # its other functions' signatures may differ too: the Python here calls this tree's
         raise SystemExit(f"--against {args.against}: its kernels lack {', '.join(missing)}: no whole-model run")
     variants = {"this tree": None, args.against: lambda: answering(other)}
-    ms = medians_ms(model_ab_times(args, variants, dtype=args.dtype))
-    mode = "training step" if args.train else "inference"
-    print(
-        f"{args.model} {mode}, batch {args.batch}, {args.dtype}: this tree {ms['this tree']:.0f} ms, "
-        f"{args.against} {ms[args.against]:.0f} ms ({ms[args.against] / ms['this tree']:.3f}x)"
-    )
+    print(model_ab_line(args, medians_ms(model_ab_times(args, variants, dtype=args.dtype)), args.dtype))
 
 
 if __name__ == "__main__":

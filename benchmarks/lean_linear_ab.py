@@ -20,7 +20,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, operator_medians_ms, set_threads
+from tnt_vision import bench
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import create_model
 from tnt_vision.models.tnt import TNTConfig
@@ -33,16 +33,8 @@ def aten_products() -> Iterator[None]:
 
 
 def layers(cfg: TNTConfig, batch: int) -> dict[str, tuple[int, int, int]]:
-    """(rows, inputs, outputs) of the model's linear layers with a bias, by name."""
-    words = batch * cfg.grid_size[0] * cfg.grid_size[1] * cfg.num_words
-    tokens = batch * (1 + cfg.grid_size[0] * cfg.grid_size[1])
-    inner, outer = cfg.inner_dim, cfg.outer_dim
-    return {
-        "inner fc1": (words, inner, int(inner * cfg.mlp_ratio)),
-        "inner fc2": (words, int(inner * cfg.mlp_ratio), inner),
-        "outer fc1": (tokens, outer, int(outer * cfg.mlp_ratio)),
-        "outer fc2": (tokens, int(outer * cfg.mlp_ratio), outer),
-    }
+    """(rows, inputs, outputs) of the model's linear layers with a bias that it times, by name."""
+    return bench.mlp_layers(cfg, batch)
 
 
 def operators(cfg: TNTConfig, batch: int, rounds: int) -> None:
@@ -53,23 +45,21 @@ def operators(cfg: TNTConfig, batch: int, rounds: int) -> None:
             "aten": lambda ops=operands: F.linear(*ops),
         }
         torch.testing.assert_close(calls["onednn"]().float(), calls["aten"]().float(), atol=0.05, rtol=2**-7)
-        ms = operator_medians_ms(calls, rounds)
+        ms = bench.operator_medians_ms(calls, rounds)
         print(f"  {name} ({rows} x {fan_in} -> {fan_out}): oneDNN {ms['onednn']:.3f} ms, ATen {ms['aten']:.3f} ms")
 
 
 def main() -> None:
-    args = ab_parser(__doc__, rounds=8, train=False).parse_args()
+    args = bench.ab_parser(__doc__, rounds=8, train=False).parse_args()
     args.train = True
-    threads = set_threads(args.threads)
+    threads = bench.set_threads(args.threads)
     if not (emulated_bf16.onednn_linear_available() and emulated_bf16.bf16_hardware()):
         raise SystemExit("needs oneDNN and a CPU with bf16 products (AVX512-BF16 or AMX): nothing to compare")
-    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians, bf16, batch {args.batch}:")
+    print(f"{threads} threads, {bench.cpu_name()}, torch {torch.__version__}; medians, bf16, batch {args.batch}:")
     operators(create_model(args.model).cfg, args.batch, max(args.rounds, 12))
-    ms = medians_ms(model_ab_times(args, {"onednn": None, "aten": aten_products}, dtype="bf16"))
-    print(
-        f"{args.model} training step: oneDNN's products {ms['onednn']:.0f} ms, ATen's {ms['aten']:.0f} ms "
-        f"({ms['aten'] / ms['onednn']:.3f}x)"
-    )
+    variants = {"oneDNN's products": None, "ATen's": aten_products}
+    ms = bench.medians_ms(bench.model_ab_times(args, variants, dtype="bf16"))
+    print(bench.model_ab_line(args, ms, "bf16"))
 
 
 if __name__ == "__main__":

@@ -673,6 +673,21 @@ def test_ab_scripts_time_operators_and_the_whole_model_alternating() -> None:
     assert len(entered) == 4
 
 
+def test_ab_scripts_share_the_whole_model_line_and_the_mlp_sizes() -> None:
+    """`bench.model_ab_line` (each contender's median, the others over the first) and `bench.mlp_layers` (the MLP
+    layers' rows, inputs and outputs at a batch), which the A/B scripts print and time at."""
+    args = ab_parser("an A/B script", rounds=2).parse_args(["--train", "--batch", "8"])
+    line = bench.model_ab_line(args, {"ours": 100.0, "theirs": 150.0}, "bf16")
+    assert line == "tnt_s_patch16_224 training step, batch 8, bf16: ours 100 ms, theirs 150 ms (1.500x)"
+    sizes = bench.mlp_layers(create_model("tnt_s_patch16_224").cfg, batch=32)
+    assert sizes == {
+        "inner fc1": (100352, 24, 96),
+        "inner fc2": (100352, 96, 24),
+        "outer fc1": (6304, 384, 1536),
+        "outer fc2": (6304, 1536, 384),
+    }
+
+
 def test_bf16_ab_steps_each_piece_of_the_bf16_path_aside(monkeypatch: pytest.MonkeyPatch) -> None:
     """`benchmarks/bf16_ab.py`'s "previous" contender: no bf16 word or GELU kernel, oneDNN, bf16 norms, explicit
     attention or larger micro-batches under bf16 autocast; fp32 as it is."""

@@ -330,6 +330,29 @@ def model_ab_times(
     return interleaved_times(steps, make_inputs(cfg, args.batch), cfg)
 
 
+def model_ab_line(args: argparse.Namespace, ms: dict[str, float], dtype: str) -> str:
+    """An A/B script's whole-model result (`ab_parser`'s model, batch, --train): each contender's median in ms (from
+    `medians_ms`), and for each after the first its time over the first's."""
+    mode = "training step" if args.train else "inference"
+    first, *others = ms.items()
+    parts = [f"{first[0]} {first[1]:.0f} ms", *(f"{name} {t:.0f} ms ({t / first[1]:.3f}x)" for name, t in others)]
+    return f"{args.model} {mode}, batch {args.batch}, {dtype}: " + ", ".join(parts)
+
+
+def mlp_layers(cfg: TNTConfig, batch: int) -> dict[str, tuple[int, int, int]]:
+    """(rows, inputs, outputs) of the model's MLP layers at `batch` images, by name ("inner fc1", ...): the sizes
+    the A/B scripts time their operators at."""
+    words = batch * cfg.grid_size[0] * cfg.grid_size[1] * cfg.num_words
+    tokens = batch * (1 + cfg.grid_size[0] * cfg.grid_size[1])
+    inner, outer = cfg.inner_dim, cfg.outer_dim
+    return {
+        "inner fc1": (words, inner, int(inner * cfg.mlp_ratio)),
+        "inner fc2": (words, int(inner * cfg.mlp_ratio), inner),
+        "outer fc1": (tokens, outer, int(outer * cfg.mlp_ratio)),
+        "outer fc2": (tokens, int(outer * cfg.mlp_ratio), outer),
+    }
+
+
 def operator_medians_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median milliseconds of argument-free calls alternating (`interleaved_times`: a warm-up call each, the order
     rotated every round)."""

@@ -416,7 +416,8 @@ class _ExplicitAttention(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, weights = ctx.saved_tensors
         batch, heads, tokens, dim = q.shape
-        grad_out = grad.reshape(batch, tokens, heads, dim).transpose(1, 2)
+        # (B, heads, N, d) in one copy: both products below would copy the transposed view again
+        grad_out = grad.reshape(batch, tokens, heads, dim).transpose(1, 2).contiguous()
         grad_scores = torch._softmax_backward_data(grad_out @ v.transpose(-2, -1), weights, -1, weights.dtype)
         grad_qkv = torch.empty(batch, tokens, 3, heads, dim, dtype=grad.dtype, device=grad.device)
         grad_q, grad_k, grad_v = grad_qkv.permute(2, 0, 3, 1, 4)

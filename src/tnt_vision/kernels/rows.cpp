@@ -123,10 +123,10 @@ inline void add(float* p, Lanes v) { store(p, load(p) + v); }
 // The sums of the columns of a stream of rows of n values, fp32 or bf16, gathered as the values are written (or as
 // they are, with nothing to write): the stream is cut into periods of lcm(n, kLanes) values, so that a period's
 // vector v holds the same columns in every period, and periods into blocks of about kBlockValues (at least 8
-// periods), in L1 or L2. A thread
-// writes a block in the stream's order (write(i, k): the k values from i), then sums it down the periods, up to
-// kGroup vectors at a time with their sums in registers, into its own sums (fewer rounding steps than one long
-// sum); `columns` folds the threads' sums and the periods' columns, and the stream's last values short of a period.
+// periods), in L1 or L2. A thread writes a block in the stream's order (write(i, k): the k values from i), then sums
+// it down the periods, up to kGroup vectors at a time with their sums in registers, into its own sums (fewer
+// rounding steps than one long sum); `columns` folds the threads' sums and the periods' columns, and the stream's
+// last values short of a period.
 template <typename T>
 class ColumnSums {
  public:
@@ -143,7 +143,8 @@ class ColumnSums {
   at::Tensor operator()(Write&& write) {
     if (total_ == 0) return at::zeros({n_}, at::TensorOptions().dtype(at::kFloat));
     const int64_t periods = total_ / period_, blocks = (periods + block_ - 1) / block_;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kParallelValues / (block_ * period_));  // small sums: one thread
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       float* thread_sums = sums_.data() + at::get_thread_num() * period_;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * block_, count = std::min(periods, first + block_) - first;
@@ -158,6 +159,7 @@ class ColumnSums {
 
  private:
   static constexpr int64_t kBlockValues = 8192;
+  static constexpr int64_t kParallelValues = 1 << 17;  // below this many values a second thread costs more
   static constexpr int kGroup = 8;
 
   // Adds the `count` periods from `block` into `thread_sums`, kGroup vectors at a time, then one at a time.
