@@ -7,9 +7,9 @@ Under bf16 autocast on a CPU with bf16 products, training computes the outer att
 and v before its products and the gradients twice after them; `explicit_attention_bf16` copies each once, and
 takes the compiled softmax (`kernels.softmax_rows`). Three contenders: `explicit_attention_bf16`, the same with
 ATen's softmax, and the explicit path. First the outer attention alone (forward and backward) at the model's size
-for --batch, the results checked against each other, then the whole training step (forward, backward, AdamW),
-alternating (`bench.interleaved_times`: warm-up, order rotated each round). Medians with the batch, threads and
-machine.
+for --batch, the results checked against each other (and its softmax alone, the kernel against ATen's), then the
+whole training step (forward, backward, AdamW), alternating (`bench.interleaved_times`: warm-up, order rotated each
+round). Medians with the batch, threads and machine.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from unittest import mock
 
 import torch
 
+from tnt_vision import kernels
 from tnt_vision.bench import (
     ab_parser,
     cpu_name,
@@ -80,6 +81,11 @@ def operator(model: str, batch: int, rounds: int) -> None:
     ms = operator_medians_ms(calls, rounds)
     print(f"  outer attention {(batch, tokens, 3 * cfg.outer_dim)}, {cfg.outer_heads} heads, forward + backward:")
     print("    " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
+    scores = (torch.randn(batch, cfg.outer_heads, tokens, tokens) * 3).bfloat16()
+    softmaxes = {"kernel": lambda: kernels.softmax_rows(scores), "ATen": lambda: aten_softmax(scores)}
+    torch.testing.assert_close(softmaxes["kernel"](), softmaxes["ATen"](), atol=1e-6, rtol=2**-7)
+    ms = operator_medians_ms(softmaxes, rounds)
+    print(f"  its softmax alone {tuple(scores.shape)}: kernel {ms['kernel']:.2f} ms, ATen {ms['ATen']:.2f} ms")
 
 
 def in_context(call: Callable[[], torch.Tensor], context: Callable[[], AbstractContextManager]) -> Callable[[], object]:

@@ -230,7 +230,7 @@ def gelu_backward_and_value(
 def softmax_rows(x: torch.Tensor) -> torch.Tensor:
     """`torch.softmax(x, -1)`: by the compiled kernel for contiguous fp32 and bf16 CPU tensors where no gradient is
     recorded (computed in fp32 from one pass of exponentials, rounded once; ATen's bf16 softmax over rows of 197 takes
-    1.6x as long), else by ATen. A row with a NaN or +inf, or all -inf, is NaN throughout (ATen's keeps the zeros
+    1.5x as long), else by ATen. A row with a NaN or +inf, or all -inf, is NaN throughout (ATen's keeps the zeros
     beside a +inf)."""
     if x.ndim > 0 and elementwise_applies(x):
         with torch.profiler.record_function("tnt_vision::softmax_rows"):

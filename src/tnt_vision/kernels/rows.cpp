@@ -17,7 +17,7 @@
 //   It can also sum the gradient's columns as it writes them: the bias gradient of the linear layer before the GELU,
 //   which ATen's sum would read again.
 // - Softmax over the last dimension (bf16 attention weights in bf16 training's explicit attention: ATen's bf16
-//   softmax over TNT-S's 197 tokens takes 1.6x as long as one pass of exponentials in fp32 with a bf16 store).
+//   softmax over TNT-S's 197 tokens takes 1.5x as long as one pass of exponentials in fp32 with a bf16 store).
 // - The sums of a matrix's columns (a linear layer's bias gradient), fp32 or bf16, where ATen's reduction over the
 //   rows of TNT's narrow and bf16 gradients runs at a fraction of the memory's speed.
 #include <ATen/ATen.h>
