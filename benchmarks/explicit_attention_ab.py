@@ -4,12 +4,13 @@
 
 Under bf16 autocast on a CPU with bf16 products, training computes the outer attention by explicit products
 (`scaled_dot_product_attention`'s backward is slower there). The model's explicit path copies q, k (transposed)
-and v before its products and the gradients twice after them; `explicit_attention_bf16` copies each once, and
-takes the compiled softmax (`kernels.softmax_rows`). Three contenders: `explicit_attention_bf16`, the same with
-ATen's softmax, and the explicit path. First the outer attention alone (forward and backward) at the model's size
-for --batch, the results checked against each other (and its softmax alone, the kernel against ATen's), then the
-whole training step (forward, backward, AdamW), alternating (`bench.interleaved_times`: warm-up, order rotated each
-round). Medians with the batch, threads and machine.
+and v before its products and the gradients twice after them; `explicit_attention_bf16` copies each once, takes the
+compiled softmax (`kernels.softmax_rows`), and recomputes the attention weights in backward rather than keep them
+(`emulated_bf16.RECOMPUTE_WEIGHTS`). Four contenders: `explicit_attention_bf16`, the same keeping the weights, the
+same with ATen's softmax, and the explicit path. First the outer attention alone (forward and backward) at the
+model's size for --batch, the results checked against each other, with the bytes each keeps for backward (and its
+softmax alone, the kernel against ATen's), then the whole training step (forward, backward, AdamW), alternating
+(`bench.interleaved_times`: warm-up, order rotated each round). Medians with the batch, threads and machine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tnt_vision.bench import (
     model_ab_times,
     never,
     operator_medians_ms,
+    saved_bytes,
     set_threads,
     within,
 )
@@ -55,7 +57,18 @@ def atens_softmax() -> Iterator[None]:
         yield
 
 
-VARIANTS = {"ours": None, "ATen's softmax": atens_softmax, "explicit path": explicit_path}
+@contextlib.contextmanager
+def kept_weights() -> Iterator[None]:
+    with mock.patch.object(emulated_bf16, "RECOMPUTE_WEIGHTS", False):
+        yield
+
+
+VARIANTS = {
+    "ours": None,
+    "keeping the weights": kept_weights,
+    "ATen's softmax": atens_softmax,
+    "explicit path": explicit_path,
+}
 
 
 def forward_backward(attn: Attention, qkv: torch.Tensor, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -81,11 +94,23 @@ def operator(model: str, batch: int, rounds: int) -> None:
     ms = operator_medians_ms(calls, rounds)
     print(f"  outer attention {(batch, tokens, 3 * cfg.outer_dim)}, {cfg.outer_heads} heads, forward + backward:")
     print("    " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
+    kept = {name: kept_mib(attn, qkv, context) for name, context in VARIANTS.items()}
+    print("    kept for backward: " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in kept.items()))
     scores = (torch.randn(batch, cfg.outer_heads, tokens, tokens) * 3).bfloat16()
     softmaxes = {"kernel": lambda: kernels.softmax_rows(scores), "ATen": lambda: aten_softmax(scores)}
     torch.testing.assert_close(softmaxes["kernel"](), softmaxes["ATen"](), atol=1e-6, rtol=2**-7)
     ms = operator_medians_ms(softmaxes, rounds)
     print(f"  its softmax alone {tuple(scores.shape)}: kernel {ms['kernel']:.2f} ms, ATen {ms['ATen']:.2f} ms")
+
+
+def kept_mib(attn: Attention, qkv: torch.Tensor, context: Callable[[], AbstractContextManager] | None) -> float:
+    """MiB autograd keeps for backward from one forward of the outer attention (q/k/v's own storage excluded)."""
+
+    def forward() -> torch.Tensor:
+        with contextlib.nullcontext() if context is None else context(), torch.autocast("cpu", torch.bfloat16):
+            return attn.mix(qkv)
+
+    return saved_bytes(forward, ignore=[qkv])[1] / 2**20
 
 
 def in_context(call: Callable[[], torch.Tensor], context: Callable[[], AbstractContextManager]) -> Callable[[], object]:

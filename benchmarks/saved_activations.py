@@ -14,28 +14,22 @@ no GPU is needed. These are the activations' bytes, not a device's allocator pea
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import torch
 
+from tnt_vision.bench import saved_bytes
 from tnt_vision.kernels import inner_block
 from tnt_vision.models import create_model, layers
 from tnt_vision.models.layers import TransformerBlock, fused_attention
 
 
-def saved_bytes(run: Callable[[], torch.Tensor], parameters: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves while `run` records, parameters excluded."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-        run()
-    return sum(storages.values())
+def kept_bytes(block: TransformerBlock, words: torch.Tensor, parameters: list[torch.Tensor]) -> tuple[int, int]:
+    """Bytes autograd keeps from one forward of `block` under bf16 autocast (parameters excluded): plain, fused."""
+    with torch.autocast("cpu", torch.bfloat16):
+        with fused_attention(False):
+            _, plain = saved_bytes(lambda: block.plain_forward(words), parameters)
+        _, fused = saved_bytes(lambda: fused_without_a_gpu(block, words), parameters)
+    return plain, fused
 
 
 def fused_without_a_gpu(block: TransformerBlock, words: torch.Tensor) -> torch.Tensor:
@@ -58,12 +52,10 @@ def main() -> None:
     model = create_model(args.model).train()
     blocks = [b.inner for b in model.blocks if b.inner is not None]
     block, cfg = blocks[0], model.cfg
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    parameters = list(model.parameters())
     patches = cfg.grid_size[0] * cfg.grid_size[1]
     words = torch.randn(patches, cfg.num_words, cfg.inner_dim, requires_grad=True)
-    with fused_attention(False):
-        plain = saved_bytes(lambda: block.plain_forward(words), parameters)
-    fused = saved_bytes(lambda: fused_without_a_gpu(block, words), parameters)
+    plain, fused = kept_bytes(block, words, parameters)
     scale = len(blocks) * args.batch / 2**30
     print(f"{args.model}, bf16 autocast, one inner block, one image ({patches} sentences of {cfg.num_words} words):")
     print(f"  plain {plain / 2**10:.0f} KiB, fused {fused / 2**10:.0f} KiB ({plain / fused:.1f}x less)")

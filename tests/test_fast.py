@@ -12,7 +12,7 @@ import importlib.util
 import json
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +33,7 @@ from tnt_vision.bench import (
     onnxruntime_options,
     operator_medians_ms,
     peak_memory_mib,
+    saved_bytes,
     timm_equivalent,
     within,
 )
@@ -304,9 +305,10 @@ def test_explicit_bf16_attention_computes_the_explicit_paths_attention_and_gradi
     qkv = (torch.randn(3, 11, 192) * 2).bfloat16().requires_grad_()
     grad = torch.randn(3, 11, 64).bfloat16()
     with torch.autocast("cpu", torch.bfloat16):
-        out = emulated_bf16.explicit_attention_bf16(qkv, 4, attn.scale)
+        out, kept = saved_bytes(lambda: emulated_bf16.explicit_attention_bf16(qkv, 4, attn.scale), ignore=[qkv])
         with fused_attention(False):
             expected = attn.mix(qkv)
+    assert kept == qkv.numel() * 2  # q, k and v in bf16; the weights are recomputed in backward
     torch.testing.assert_close(out, expected, atol=1e-2 * expected.abs().max().item(), rtol=2**-7)
     (grad_qkv,) = torch.autograd.grad(out, qkv, grad)
     (expected_grad,) = torch.autograd.grad(expected, qkv, grad)
@@ -332,6 +334,10 @@ def test_explicit_bf16_attention_computes_the_explicit_paths_attention_and_gradi
         with ab.atens_softmax():
             with_atens = emulated_bf16.explicit_attention_bf16(qkv, 4, attn.scale)
         torch.testing.assert_close(with_atens, out, atol=1e-2 * out.abs().max().item(), rtol=2**-7)
+        with ab.kept_weights():  # the same weights kept: the same bits
+            with_weights, kept_too = saved_bytes(lambda: emulated_bf16.explicit_attention_bf16(qkv, 4, attn.scale))
+        assert torch.equal(torch.autograd.grad(with_weights, qkv, grad)[0], grad_qkv)
+        assert kept_too == kept + 3 * 4 * 11 * 11 * 2
     assert not attn.explicit_bf16_applies(qkv)  # no autocast
 
 
@@ -502,21 +508,6 @@ def test_bench_onnxruntime_threads_sleep_between_runs() -> None:
     for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
         assert options.get_session_config_entry(key) == "0"
     assert options.intra_op_num_threads == torch.get_num_threads()
-
-
-def saved_bytes(fn: Callable[[], torch.Tensor], ignore: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, int]:
-    """Run fn and count the bytes autograd keeps for backward (each storage once), except `ignore`'s storages."""
-    storages: dict[int, int] = {}
-    ignored = {t.untyped_storage().data_ptr() for t in ignore}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in ignored:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -747,11 +738,8 @@ def test_the_fused_inner_block_keeps_only_its_input_for_backward() -> None:
     saved = benchmark_module("saved_activations")
     model = create_model("tnt_ti_patch16_224", depth=1).train()
     block = model.blocks[0].inner
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     words = torch.randn(196, 16, 12, requires_grad=True)
-    with fused_attention(False):
-        plain = saved.saved_bytes(lambda: block.plain_forward(words), parameters)
-    fused = saved.saved_bytes(lambda: saved.fused_without_a_gpu(block, words), parameters)
+    plain, fused = saved.kept_bytes(block, words, list(model.parameters()))
     assert fused == words.numel() * 4  # the fp32 input, nothing else
     assert plain > 8 * fused
 

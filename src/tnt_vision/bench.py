@@ -288,6 +288,23 @@ def resident_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def saved_bytes(fn: Callable[[], Any], ignore: Sequence[torch.Tensor] = ()) -> tuple[Any, int]:
+    """Run fn; return its result and the bytes autograd keeps for backward meanwhile (each storage once), except
+    `ignore`'s storages (parameters, say)."""
+    storages: dict[int, int] = {}
+    ignored = {t.untyped_storage().data_ptr() for t in ignore}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in ignored:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
 def baseline_memory_mib() -> float:
     """Peak resident set of a fresh process that imports torch, timm and this package and runs nothing."""
     code = "import timm, tnt_vision.bench as b; print(b.resident_peak_mib())"

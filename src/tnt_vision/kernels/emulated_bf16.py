@@ -389,6 +389,21 @@ def attention_projection_bf16(
         return _AttentionProjection.apply(mix, qkv, proj.weight, proj.bias)
 
 
+# Whether `_ExplicitAttention` recomputes its attention weights in backward rather than keep them: the same product and
+# softmax as in forward, the same bits. Under bf16 the weights were the largest single thing TNT-S kept for backward
+# (batch 32: 171 of 1609 MB, 14.2 MiB a block against 13.9 for q, k and v); recomputing them costs 8 ms a block
+# (forward + backward 52.3 against 44.0 ms; the training step 3454 against 3343 ms, 0.97x;
+# `benchmarks/explicit_attention_ab.py`) and brings the step's peak memory under 0.7x timm's.
+RECOMPUTE_WEIGHTS = True
+
+
+def _attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) over the last dimension, for q already scaled; never recorded (the same kernels in forward and
+    in a backward that builds a graph)."""
+    with torch.no_grad():
+        return softmax_rows(q @ k.transpose(-2, -1))
+
+
 class _ExplicitAttention(torch.autograd.Function):
     """softmax(scale q k^T) v per head from the fused projection (B, N, 3C) to (B, N, C), all bf16, by explicit
     products: what the model's explicit path computes under bf16 autocast, with fewer copies.
@@ -397,8 +412,8 @@ class _ExplicitAttention(torch.autograd.Function):
     contiguous blocks, and in backward the heads' gradients are stacked and then copied again into the projection's
     layout. Here q (scaled), k and v are each copied once into (B, heads, N, d) blocks, k^T is a view the product
     reads as it is, and the three gradients are written straight into the projection's layout (q's with its scale).
-    The softmax is the compiled kernel's (`softmax_rows`) where it applies. Kept for backward: the three blocks and the
-    bf16 attention weights, as autograd keeps them there.
+    The softmax is the compiled kernel's (`softmax_rows`) where it applies. Kept for backward: the three blocks; the
+    bf16 attention weights, which the explicit path keeps too, are recomputed from them (`RECOMPUTE_WEIGHTS`).
     """
 
     @staticmethod
@@ -407,14 +422,15 @@ class _ExplicitAttention(torch.autograd.Function):
         q_in, k_in, v_in = qkv.view(batch, tokens, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
         q = torch.mul(q_in, scale, out=torch.empty_like(q_in, memory_format=torch.contiguous_format))
         k, v = k_in.contiguous(), v_in.contiguous()
-        weights = softmax_rows(q @ k.transpose(-2, -1))
-        ctx.save_for_backward(q, k, v, weights)
+        weights = _attention_weights(q, k)
+        ctx.save_for_backward(q, k, v, *(() if RECOMPUTE_WEIGHTS else (weights,)))
         ctx.scale = scale
         return (weights @ v).transpose(1, 2).reshape(batch, tokens, width // 3)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, weights = ctx.saved_tensors
+        q, k, v, *kept = ctx.saved_tensors
+        weights = kept[0] if kept else _attention_weights(q, k)
         batch, heads, tokens, dim = q.shape
         # (B, heads, N, d) in one copy: both products below would copy the transposed view again
         grad_out = grad.reshape(batch, tokens, heads, dim).transpose(1, 2).contiguous()
