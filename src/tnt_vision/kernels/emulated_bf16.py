@@ -391,15 +391,15 @@ def attention_projection_bf16(
 
 # Whether `_ExplicitAttention` recomputes its attention weights in backward rather than keep them: the same product and
 # softmax as in forward, the same bits. Under bf16 the weights were the largest single thing TNT-S kept for backward
-# (batch 32: 171 of 1609 MB, 14.2 MiB a block against 13.9 for q, k and v); recomputing them costs 8 ms a block
-# (forward + backward 52.3 against 44.0 ms; the training step 3454 against 3343 ms, 0.97x;
-# `benchmarks/explicit_attention_ab.py`) and brings the step's peak memory under 0.7x timm's.
+# (batch 32: 14.2 MiB a block against 13.9 for q, k and v; 171 of 1609 MB in all, a throwaway count); recomputing them
+# costs 8 ms a block (forward + backward 52.3 against 44.0 ms; the training step 3454 against 3343 ms, 0.97x;
+# `benchmarks/explicit_attention_ab.py`); the step's peak memory went from 0.704x to 0.69x timm's (`perf_table.py`).
 RECOMPUTE_WEIGHTS = True
 
 
 def _attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) over the last dimension, for q already scaled; never recorded (the same kernels in forward and
-    in a backward that builds a graph)."""
+    """softmax(q k^T) over the last dimension, for q already scaled. Never recorded, so that a backward building a
+    graph takes the same kernels as the forward did."""
     with torch.no_grad():
         return softmax_rows(q @ k.transpose(-2, -1))
 
