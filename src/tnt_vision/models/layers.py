@@ -168,22 +168,26 @@ class Attention(nn.Module):
 
     def word_kernel_applies(self, qkv: torch.Tensor, tokens: int) -> bool:
         """The compiled kernel serves short sequences (TNT's words) on the CPU, without attention dropout."""
-        dropout = self.training and self.attn_drop > 0
+        dropout = self.weights_dropout() > 0
         return fused_attention_enabled() and not dropout and word_attention_applies(qkv, tokens, self.head_dim)
 
     def explicit_bf16_applies(self, qkv: torch.Tensor) -> bool:
         """bf16 training on a CPU with bf16 products (`bf16_training_on_cpu`) takes `explicit_attention_bf16`: the
         explicit path's products with fewer copies; not with attention dropout, nor while a graph is captured."""
-        dropout = self.training and self.attn_drop > 0
+        dropout = self.weights_dropout() > 0
         fits = qkv.dtype == BF16 and qkv.is_contiguous() and not dropout and fused_attention_enabled()
         return fits and bf16_training_on_cpu(qkv) and not capturing_graph()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        drop = self.attn_drop if self.training else 0.0
+        drop = self.weights_dropout()
         if fused_attention_enabled() and not (short_on_gpu(q) or bf16_training_on_cpu(q)):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         attn = self.attention_map(q, k)
         return F.dropout(attn, drop) @ v
+
+    def weights_dropout(self) -> float:
+        """The dropout probability on the attention weights now: `attn_drop` in training, else 0."""
+        return self.attn_drop if self.training else 0.0
 
     def dropout_rate(self) -> float:
         """The largest dropout probability at work in training (attention weights or the projection's output)."""
