@@ -52,11 +52,13 @@ def markdown(reports: list[dict]) -> str:
     where = m["gpu"] if reports[0]["config"]["device"] == "cuda" else f"{m['cpu']} ({m['cpu_capability']})"
     lines = [
         f"Measured on {where}, {m['threads']} threads, torch {m['torch']}; "
-        f"median of {reports[0]['config']['runs']} interleaved runs; peak memory is the whole process "
+        f"median of {reports[0]['config']['runs']} interleaved runs (per round: ours / it in each round, lowest to "
+        "highest; spread: (max - min) / median of a contender's runs); peak memory is the whole process "
         f"(importing torch + timm alone: {m.get('import_baseline_mib', float('nan')):.0f} MiB).",
         "",
-        "| model | setting | batch | contender | images/s | ours / it | batch-1 ms | peak MiB | ours / it |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | setting | batch | contender | images/s | ours / it | per round | spread | batch-1 ms | peak MiB "
+        "| ours / it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rep in reports:
         c = rep["config"]
@@ -70,9 +72,18 @@ def markdown(reports: list[dict]) -> str:
             mem_ratio = f"{ours['peak_mib'] / r['peak_mib']:.2f}" if r["peak_mib"] is not None else "-"
             lines.append(
                 f"| {c['model']} | {setting} | {c['batch']} | {who} | {r['images_per_s']:.2f} | "
-                f"{ours['images_per_s'] / r['images_per_s']:.2f} | {latency} | {memory} | {mem_ratio} |"
+                f"{ours['images_per_s'] / r['images_per_s']:.2f} | {per_round(r, r is ours)} | {r['spread']:.0%} | "
+                f"{latency} | {memory} | {mem_ratio} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def per_round(row: dict, ours: bool) -> str:
+    """The range of ours / it over the rounds (`bench.round_ratios`), lowest to highest."""
+    if ours:
+        return "-"
+    ratios = [1 / r for r in row["speed_ratio_rounds"]]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def main() -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import statistics
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
@@ -448,9 +449,43 @@ def test_bench_command_writes_json(tmp_path, capsys: pytest.CaptureFixture) -> N
     assert first["images_per_s"] > 0
     assert len(first["step_ms_all"]) == 2
     assert first["latency_ms"] > 0
+    assert first["speed_ratio_rounds"] == [1.0, 1.0]
+    timm = report["results"][1]
+    ours_ms, timm_ms = first["step_ms_all"], timm["step_ms_all"]
+    assert timm["speed_ratio_rounds"] == pytest.approx([a / b for a, b in zip(ours_ms, timm_ms, strict=True)])
+    assert timm["spread"] == pytest.approx(abs(timm_ms[0] - timm_ms[1]) / statistics.median(timm_ms))
     assert report["machine"]["threads"] >= 1
     assert report["machine"]["torch"] == torch.__version__
     assert "images/s" in capsys.readouterr().out
+
+
+def test_bench_table_gives_the_ratios_range_over_rounds_and_notes_noisy_runs() -> None:
+    """Per round, each contender's speed relative to ours (both timed in that round) and how far a contender's
+    runs spread: one note under the table for each contender whose runs spread more than `NOISY_SPREAD`."""
+    cfg = BenchConfig(model="tnt_s_patch16_224", against=("timm",), runs=3, memory=False, latency=False)
+    times = {"tnt_s_patch16_224": [1.0, 1.5, 1.1], "timm": [1.4, 1.45, 1.5]}
+    rows = [
+        {
+            "contender": name,
+            "images_per_s": 32 / statistics.median(t),
+            "speed_ratio": statistics.median(times[cfg.model]) / statistics.median(t),
+            "step_ms": statistics.median(t) * 1e3,
+            "latency_ms": None,
+            "peak_mib": None,
+            "memory_ratio": None,
+            "spread": bench.spread(t),
+            "speed_ratio_rounds": bench.round_ratios(times[cfg.model], t),
+        }
+        for name, t in times.items()
+    ]
+    assert rows[0]["spread"] == pytest.approx(0.5 / 1.1)
+    assert rows[1]["speed_ratio_rounds"] == pytest.approx([1 / 1.4, 1.5 / 1.45, 1.1 / 1.5])
+    report = {"machine": bench.machine(), "config": asdict(cfg), "results": rows}
+    table = bench.format_table(report).splitlines()
+    assert "0.71-1.03" in next(line for line in table if line.startswith("timm "))
+    notes = [line for line in table if line.startswith("note:")]
+    assert len(notes) == 1
+    assert "tnt_s_patch16_224's timed runs spread 45%" in notes[0]
 
 
 def test_bench_compile_wraps_every_pytorch_contender(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -240,6 +240,23 @@ def interleaved_times(
     return times
 
 
+# Timed runs spreading more than this around their median ((max - min) / median) were taken while the machine's
+# load changed: `format_table` says so under the table.
+NOISY_SPREAD = 0.25
+
+
+def spread(times: Sequence[float]) -> float:
+    """How far one contender's timed runs spread: (max - min) / median."""
+    return (max(times) - min(times)) / statistics.median(times)
+
+
+def round_ratios(base: Sequence[float], other: Sequence[float]) -> list[float]:
+    """Per round, the other contender's speed relative to the base's (base time / other time). Both were timed in
+    the same round, so a load that comes and goes between rounds moves both; their range tells how far the ratio of
+    the medians can be trusted on a busy machine."""
+    return [b / o for b, o in zip(base, other, strict=True)]
+
+
 # ---- memory ----------------------------------------------------------------------------------------------------
 def release_cached_memory(device: str) -> None:
     """Give the contenders' memory back to the device: on a GPU the caching allocator would otherwise keep what
@@ -444,6 +461,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 "images_per_s": cfg.batch / med,
                 "step_ms": med * 1e3,
                 "step_ms_all": [t * 1e3 for t in times[name]],
+                "spread": spread(times[name]),
+                "speed_ratio_rounds": round_ratios(times[cfg.model], times[name]),
                 "latency_ms": statistics.median(latency[name]) * 1e3 if latency else None,
                 "peak_mib": peak_memory_mib(name, cfg) if cfg.memory else None,
             }
@@ -466,13 +485,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"{c['model']}: {mode}, {c['dtype']}, batch {c['batch']}, {c['img_size']}px, device {c['device']}",
         f"machine: {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}; "
         f"median of {c['runs']} interleaved runs after {c['warmup']} warm-up",
+        "x ours: the medians' ratio; per round: its range over the rounds; spread: (max - min) / median of the runs",
     ]
     if "import_baseline_mib" in m:
         lines.append(
             f"peak memory: whole process; importing torch + timm alone takes {m['import_baseline_mib']:.0f} MiB"
         )
     header = (
-        f"{'contender':<34} {'images/s':>9} {'x ours':>7} {'step ms':>9} {'b1 ms':>8} {'peak MiB':>9} {'x ours':>7}"
+        f"{'contender':<34} {'images/s':>9} {'x ours':>7} {'per round':>11} {'step ms':>9} {'spread':>7} "
+        f"{'b1 ms':>8} {'peak MiB':>9} {'x ours':>7}"
     )
     lines += [header, "-" * len(header)]
 
@@ -481,11 +502,25 @@ def format_table(report: dict[str, Any]) -> str:
 
     for r in report["results"]:
         name = "tnt-vision " + r["contender"] if r["contender"] == c["model"] else r["contender"]
+        rounds = r["speed_ratio_rounds"]
+        per_round = "-" if r is report["results"][0] else f"{min(rounds):.2f}-{max(rounds):.2f}"
         lines.append(
-            f"{name:<34} {r['images_per_s']:>9.2f} {r['speed_ratio']:>7.2f} {r['step_ms']:>9.1f} "
-            f"{fmt(r['latency_ms'], '>8.1f'):>8} {fmt(r['peak_mib'], '>9.0f'):>9} {fmt(r['memory_ratio'], '>7.2f'):>7}"
+            f"{name:<34} {r['images_per_s']:>9.2f} {r['speed_ratio']:>7.2f} {per_round:>11} {r['step_ms']:>9.1f} "
+            f"{r['spread']:>7.0%} {fmt(r['latency_ms'], '>8.1f'):>8} {fmt(r['peak_mib'], '>9.0f'):>9} "
+            f"{fmt(r['memory_ratio'], '>7.2f'):>7}"
         )
+    lines += noisy_runs(report["results"])
     return "\n".join(lines)
+
+
+def noisy_runs(results: Sequence[dict[str, Any]]) -> list[str]:
+    """A line under the table for each contender whose timed runs spread more than `NOISY_SPREAD`."""
+    return [
+        f"note: {r['contender']}'s timed runs spread {r['spread']:.0%} around their median: the machine's load "
+        "changed while measuring; the per-round ratios show how far the ratios hold (more --runs help)"
+        for r in results
+        if r["spread"] > NOISY_SPREAD
+    ]
 
 
 if __name__ == "__main__":
