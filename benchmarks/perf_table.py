@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tnt_vision.bench import BenchConfig, run_benchmark
+from tnt_vision.bench import BenchConfig, ratio_range, run_benchmark
 from tnt_vision.io import atomic_write
 
 MODELS = ("tnt_ti_patch16_224", "tnt_s_patch16_224", "tnt_b_patch16_224")
@@ -52,9 +52,9 @@ def markdown(reports: list[dict]) -> str:
     where = m["gpu"] if reports[0]["config"]["device"] == "cuda" else f"{m['cpu']} ({m['cpu_capability']})"
     lines = [
         f"Measured on {where}, {m['threads']} threads, torch {m['torch']}; "
-        f"median of {reports[0]['config']['runs']} interleaved runs (per round: ours / it in each round, lowest to "
-        "highest; spread: (max - min) / median of a contender's runs); peak memory is the whole process "
-        f"(importing torch + timm alone: {m.get('import_baseline_mib', float('nan')):.0f} MiB).",
+        f"median of {reports[0]['config']['runs']} interleaved runs (per round: ours / it in each round, "
+        "median (lowest-highest); spread: (max - min) / median of a contender's runs); peak memory is the whole "
+        f"process (importing torch + timm alone: {m.get('import_baseline_mib', float('nan')):.0f} MiB).",
         "",
         "| model | setting | batch | contender | images/s | ours / it | per round | spread | batch-1 ms | peak MiB "
         "| ours / it |",
@@ -79,11 +79,10 @@ def markdown(reports: list[dict]) -> str:
 
 
 def per_round(row: dict, ours: bool) -> str:
-    """The range of ours / it over the rounds (`bench.round_ratios`), lowest to highest."""
+    """ours / it in each round (`bench.round_ratios`): median (lowest-highest)."""
     if ours:
         return "-"
-    ratios = [1 / r for r in row["speed_ratio_rounds"]]
-    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+    return ratio_range([1 / r for r in row["speed_ratio_rounds"]])
 
 
 def main() -> None:

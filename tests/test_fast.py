@@ -482,7 +482,7 @@ def test_bench_table_gives_the_ratios_range_over_rounds_and_notes_noisy_runs() -
     assert rows[1]["speed_ratio_rounds"] == pytest.approx([1 / 1.4, 1.5 / 1.45, 1.1 / 1.5])
     report = {"machine": bench.machine(), "config": asdict(cfg), "results": rows}
     table = bench.format_table(report).splitlines()
-    assert "0.71-1.03" in next(line for line in table if line.startswith("timm "))
+    assert "0.73 (0.71-1.03)" in next(line for line in table if line.startswith("timm "))
     notes = [line for line in table if line.startswith("note:")]
     assert len(notes) == 1
     assert "tnt_s_patch16_224's timed runs spread 45%" in notes[0]

@@ -485,14 +485,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"{c['model']}: {mode}, {c['dtype']}, batch {c['batch']}, {c['img_size']}px, device {c['device']}",
         f"machine: {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}; "
         f"median of {c['runs']} interleaved runs after {c['warmup']} warm-up",
-        "x ours: the medians' ratio; per round: its range over the rounds; spread: (max - min) / median of the runs",
+        "x ours: the medians' ratio; per round: the ratio in each round, median (range); "
+        "spread: (max - min) / median of the runs",
     ]
     if "import_baseline_mib" in m:
         lines.append(
             f"peak memory: whole process; importing torch + timm alone takes {m['import_baseline_mib']:.0f} MiB"
         )
     header = (
-        f"{'contender':<34} {'images/s':>9} {'x ours':>7} {'per round':>11} {'step ms':>9} {'spread':>7} "
+        f"{'contender':<34} {'images/s':>9} {'x ours':>7} {'per round':>16} {'step ms':>9} {'spread':>7} "
         f"{'b1 ms':>8} {'peak MiB':>9} {'x ours':>7}"
     )
     lines += [header, "-" * len(header)]
@@ -503,14 +504,19 @@ def format_table(report: dict[str, Any]) -> str:
     for r in report["results"]:
         name = "tnt-vision " + r["contender"] if r["contender"] == c["model"] else r["contender"]
         rounds = r["speed_ratio_rounds"]
-        per_round = "-" if r is report["results"][0] else f"{min(rounds):.2f}-{max(rounds):.2f}"
+        per_round = "-" if r is report["results"][0] else ratio_range(rounds)
         lines.append(
-            f"{name:<34} {r['images_per_s']:>9.2f} {r['speed_ratio']:>7.2f} {per_round:>11} {r['step_ms']:>9.1f} "
+            f"{name:<34} {r['images_per_s']:>9.2f} {r['speed_ratio']:>7.2f} {per_round:>16} {r['step_ms']:>9.1f} "
             f"{r['spread']:>7.0%} {fmt(r['latency_ms'], '>8.1f'):>8} {fmt(r['peak_mib'], '>9.0f'):>9} "
             f"{fmt(r['memory_ratio'], '>7.2f'):>7}"
         )
     lines += noisy_runs(report["results"])
     return "\n".join(lines)
+
+
+def ratio_range(ratios: Sequence[float]) -> str:
+    """Per-round ratios as "median (lowest-highest)"."""
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def noisy_runs(results: Sequence[dict[str, Any]]) -> list[str]:
