@@ -257,6 +257,18 @@ def round_ratios(base: Sequence[float], other: Sequence[float]) -> list[float]:
     return [b / o for b, o in zip(base, other, strict=True)]
 
 
+def timed(times: Sequence[float], base: Sequence[float], batch: int) -> dict[str, Any]:
+    """A contender's result row from its step times (seconds) and the base contender's of the same rounds."""
+    median = statistics.median(times)
+    return {
+        "images_per_s": batch / median,
+        "step_ms": median * 1e3,
+        "step_ms_all": [t * 1e3 for t in times],
+        "spread": spread(times),
+        "speed_ratio_rounds": round_ratios(base, times),
+    }
+
+
 # ---- memory ----------------------------------------------------------------------------------------------------
 def release_cached_memory(device: str) -> None:
     """Give the contenders' memory back to the device: on a GPU the caching allocator would otherwise keep what
@@ -452,21 +464,15 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
             latency = interleaved_times(steps, make_inputs(cfg, 1), cfg)
         del steps
     release_cached_memory(cfg.device)  # the memory probes' fresh processes share the GPU with this one
-    rows = []
-    for name in cfg.contenders:
-        med = statistics.median(times[name])
-        rows.append(
-            {
-                "contender": name,
-                "images_per_s": cfg.batch / med,
-                "step_ms": med * 1e3,
-                "step_ms_all": [t * 1e3 for t in times[name]],
-                "spread": spread(times[name]),
-                "speed_ratio_rounds": round_ratios(times[cfg.model], times[name]),
-                "latency_ms": statistics.median(latency[name]) * 1e3 if latency else None,
-                "peak_mib": peak_memory_mib(name, cfg) if cfg.memory else None,
-            }
-        )
+    rows = [
+        {
+            "contender": name,
+            **timed(times[name], times[cfg.model], cfg.batch),
+            "latency_ms": statistics.median(latency[name]) * 1e3 if latency else None,
+            "peak_mib": peak_memory_mib(name, cfg) if cfg.memory else None,
+        }
+        for name in cfg.contenders
+    ]
     base = rows[0]
     for row in rows:
         row["speed_ratio"] = row["images_per_s"] / base["images_per_s"]
