@@ -605,10 +605,15 @@ def test_cache_blocking_gives_the_unblocked_result(name: str, overrides: dict, m
     monkeypatch.setattr(tnt, "CACHE_BLOCK_BYTES", 1)  # one image per group
     assert model.micro_batch(sentences) == 1
     blocked, blocked_grads = forward_backward(model, x)
+    with torch.no_grad():  # the groups stay apart through the blocks: each map joins them
+        blocked_maps = model.forward_intermediates(x, indices=[0, -1], norm=True)
     model.set_cache_blocking(False)
     assert model.micro_batch(sentences) == 7
     whole, whole_grads = forward_backward(model, x)
+    with torch.no_grad():
+        whole_maps = model.forward_intermediates(x, indices=[0, -1], norm=True)
     torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(blocked_maps, whole_maps, atol=1e-5, rtol=1e-5)  # normed: O(1) values
     for g_blocked, g_whole in zip(blocked_grads, whole_grads, strict=True):
         torch.testing.assert_close(g_blocked, g_whole, atol=1e-6, rtol=1e-5)
 

@@ -219,13 +219,17 @@ def add_to_patches(sentences: torch.Tensor, update: torch.Tensor) -> torch.Tenso
 
     In inference on the CPU the compiled kernel adds them straight into the new tensor (`residual_add`; a bf16
     update read as it is), where `cat` would copy the sum once more."""
-    cls, patches = sentences.split([1, update.shape[1]], dim=1)  # (see run_block on split vs slicing)
+    cls, patches = sentences.split([1, update.shape[1]], dim=1)  # (see `TNT.split_groups` on split vs slicing)
     if not (fused_attention_enabled() and residual_add_applies(patches, update)):
         return torch.cat([cls, patches + update], dim=1)
     out = torch.empty_like(sentences, memory_format=torch.contiguous_format)
     out[:, :1] = cls
     residual_add(patches, update, out=out[:, 1:])
     return out
+
+
+# Groups of images through the blocks (`TNT.split_groups`): each group's words (B_g*N, m, c) or None, and sentences.
+Groups = list[tuple[torch.Tensor | None, torch.Tensor]]
 
 
 class TNT(nn.Module):
@@ -342,7 +346,7 @@ class TNT(nn.Module):
         return words, self.pos_drop(sentences)
 
     def micro_batch(self, sentences: torch.Tensor) -> int:
-        """Images per group for one block: all of them, or on the CPU as many as keep the block in cache.
+        """Images per group (`split_groups`): all of them, or on the CPU as many as keep a block's work in cache.
 
         Every operation of a block acts on one image at a time, so the groups give the same result as the whole
         batch; the CPU gains because each group's activations (16 words per patch make the inner transformer's
@@ -363,20 +367,26 @@ class TNT(nn.Module):
         groups = math.ceil(B / cap)
         return math.ceil(B / groups)
 
-    def run_block(
-        self, block: nn.Module, words: torch.Tensor | None, sentences: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """One block over groups of `step` images (from `micro_batch`, the same for every block)."""
+    def split_groups(self, words: torch.Tensor | None, sentences: torch.Tensor, step: int) -> Groups:
+        """The embedded batch as groups of `step` images (from `micro_batch`), which stay apart through every block:
+        concatenating them after each block would copy both streams once more each way (forward and backward)."""
         B = sentences.shape[0]
         if step >= B:
-            return self.call_block(block, words, sentences)
+            return [(words, sentences)]
         # split, not slicing: its backward is one concatenation, where each slice's backward would fill a
         # zero tensor of the whole batch and autograd would add them up
         sentence_groups = sentences.split(step)
         word_groups = [None] * len(sentence_groups) if words is None else words.split(step * (words.shape[0] // B))
-        outputs = [self.call_block(block, w, s) for w, s in zip(word_groups, sentence_groups, strict=True)]
-        new_words = None if words is None else torch.cat([w for w, _ in outputs])
-        return new_words, torch.cat([s for _, s in outputs])
+        return list(zip(word_groups, sentence_groups, strict=True))
+
+    def run_block(self, block: nn.Module, groups: Groups) -> Groups:
+        """One block over each group of images."""
+        return [self.call_block(block, words, sentences) for words, sentences in groups]
+
+    @staticmethod
+    def sentences_of(groups: Groups) -> torch.Tensor:
+        """The groups' sentences as one batch (B, 1+N, d)."""
+        return groups[0][1] if len(groups) == 1 else torch.cat([sentences for _, sentences in groups])
 
     def call_block(
         self, block: nn.Module, words: torch.Tensor | None, sentences: torch.Tensor
@@ -387,10 +397,10 @@ class TNT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         words, sentences = self.embed(x)
-        step = self.micro_batch(sentences)
+        groups = self.split_groups(words, sentences, self.micro_batch(sentences))
         for block in self.blocks:
-            words, sentences = self.run_block(block, words, sentences, step)
-        return self.norm(sentences)  # (B, 1+N, d)
+            groups = self.run_block(block, groups)
+        return self.norm(self.sentences_of(groups))  # (B, 1+N, d)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
@@ -419,17 +429,18 @@ class TNT(nn.Module):
         take = _take_indices(len(self.blocks), indices)
         grid = self.check_input(x)
         words, sentences = self.embed(x)
+        groups = self.split_groups(words, sentences, self.micro_batch(sentences))
         maps = []
         last = len(self.blocks) - 1 if not intermediates_only else max(take)
-        step = self.micro_batch(sentences)
         for i, block in enumerate(self.blocks[: last + 1]):
-            words, sentences = self.run_block(block, words, sentences, step)
+            groups = self.run_block(block, groups)
             if i in take:
+                sentences = self.sentences_of(groups)
                 tokens = self.norm(sentences) if norm else sentences
                 maps.append(tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid))
         if intermediates_only:
             return maps
-        return self.norm(sentences), maps
+        return self.norm(self.sentences_of(groups)), maps
 
 
 def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
