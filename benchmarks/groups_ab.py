@@ -11,7 +11,9 @@ of the words and the sentences each way, forward and backward. The contender "jo
 concatenation around this tree's `run_block`. First a few profiled calls of each, alternating: their
 concatenations' count and self time, the work the change removes; then alternating rounds
 (`bench.model_ab_times`): the medians and the ratio in each round (`bench.round_ratios`, both timed in the same
-round), with the batch, dtype, threads and machine.
+round), with the batch, dtype, threads and machine. Under bf16 autocast at batch 32 the whole batch is one group
+(`micro_batch`'s budget is four times larger there): the two contenders are then the same code, and their ratio
+is the noise of a whole-model A/B on the machine.
 """
 
 from __future__ import annotations
