@@ -60,16 +60,19 @@ def joined_per_block() -> Iterator[None]:
         yield
 
 
+# The contenders, each run inside its context: this tree as it is, and with the per-block join restored.
+CONTENDERS = {"groups apart": contextlib.nullcontext, "joined per block": joined_per_block}
+
+
 def concatenations(args: argparse.Namespace, rounds: int = 3) -> None:
     """Profiled calls of each contender, alternating after one unprofiled call each (the first calls allocate the
     memory and AdamW's state): how many concatenations a call runs and their self time in each round."""
     cfg = BenchConfig(model=args.model, batch=args.batch, train=args.train, dtype=args.dtype)
     step = (train_step if args.train else inference_step)(create_model(args.model), cfg)
     x = make_inputs(cfg, args.batch)[0]
-    contenders = {"groups apart": contextlib.nullcontext, "joined per block": joined_per_block}
-    found: dict[str, list[tuple[int, float]]] = {name: [] for name in contenders}
+    found: dict[str, list[tuple[int, float]]] = {name: [] for name in CONTENDERS}
     for r in range(rounds + 1):
-        for name, context in contenders.items():
+        for name, context in CONTENDERS.items():
             with context(), profile() as prof:
                 step(x)
             cats = [e for e in prof.key_averages() if e.key == "aten::cat"]
@@ -87,7 +90,7 @@ def main() -> None:
     threads = set_threads(args.threads)
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians of {args.rounds} rounds")
     concatenations(args)
-    times = model_ab_times(args, {"groups apart": None, "joined per block": joined_per_block}, dtype=args.dtype)
+    times = model_ab_times(args, CONTENDERS, dtype=args.dtype)
     print(model_ab_line(args, medians_ms(times), args.dtype))
     before = [1 / r for r in round_ratios(times["groups apart"], times["joined per block"])]
     print(f"joined per block / groups apart, per round: {ratio_range(before)}")

@@ -509,8 +509,7 @@ def format_table(report: dict[str, Any]) -> str:
 
     for r in report["results"]:
         name = "tnt-vision " + r["contender"] if r["contender"] == c["model"] else r["contender"]
-        rounds = r["speed_ratio_rounds"]
-        per_round = "-" if r is report["results"][0] else ratio_range(rounds)
+        per_round = "-" if r is report["results"][0] else ratio_range(r["speed_ratio_rounds"])
         lines.append(
             f"{name:<34} {r['images_per_s']:>9.2f} {r['speed_ratio']:>7.2f} {per_round:>16} {r['step_ms']:>9.1f} "
             f"{r['spread']:>7.0%} {fmt(r['latency_ms'], '>8.1f'):>8} {fmt(r['peak_mib'], '>9.0f'):>9} "
