@@ -17,14 +17,13 @@ Drop-path comes in as per-sentence branch scales; dropout inside the block is no
 from __future__ import annotations
 
 import functools
-import warnings
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import switched_on
+from .first_use import checked
 from .triton_block import (
     BACKWARD,
     CONFIGS,
@@ -245,9 +244,9 @@ def float32_matmul_precision() -> str:
 
 
 # Per (direction, device, dtype, shape) configuration: True once the kernel matched the reference, False after a
-# failure.
+# failure (`first_use.checked`).
 _CHECKED: dict[tuple[Any, ...], bool] = {}
-T = TypeVar("T", torch.Tensor, list[torch.Tensor])
+WHAT = "fused inner-block kernel"
 
 
 # Registered operators, so that torch.compile keeps the kernels in its graphs as opaque calls.
@@ -268,12 +267,15 @@ def fused_inner_block(
     wrong one.
     """
 
-    return _checked(
+    return checked(
+        _CHECKED,
         _key("forward", x, heads, precision, scales),
         lambda s: _launch(x[s], weights, qkv_bias, heads, eps, precision=precision, scales=_take(scales, s)),
         lambda s: reference_block(x[s], weights, qkv_bias, heads, eps, scales=_take(scales, s)),
         x.shape[0],
-        precision,
+        CHECK_SENTENCES,
+        _tolerance(precision),
+        WHAT,
     )
 
 
@@ -296,12 +298,15 @@ def fused_inner_block_backward(
     """The backward kernel, checked against `reference_backward` as the forward is against `reference_block`."""
 
     args = (weights, qkv_bias, heads, eps)
-    return _checked(
+    return checked(
+        _CHECKED,
         _key("backward", x, heads, precision, scales),
         lambda s: _launch_backward(grad[s], x[s], *args, precision=precision, scales=_take(scales, s)),
         lambda s: reference_backward(grad[s], x[s], *args, scales=_take(scales, s)),
         x.shape[0],
-        precision,
+        CHECK_SENTENCES,
+        _tolerance(precision),
+        WHAT,
     )
 
 
@@ -334,65 +339,13 @@ def _key(kernel: str, x: torch.Tensor, heads: int, precision: str, scales: torch
     return (kernel, x.device, x.dtype, precision, tuple(x.shape[1:]), heads, scales is not None)
 
 
-def _checked(
-    key: tuple[Any, ...], kernel: Callable[[slice], T], reference: Callable[[slice], T], sentences: int, precision: str
-) -> T:
-    """The kernel's result over all sentences where it ran and (on the first call for `key`) matched the reference
-    on the first `CHECK_SENTENCES` (a check costing the same at any batch size); else the reference's, the kernel
-    then switched off for `key` with one warning. `kernel` and `reference` take the sentences to run on."""
-    whole = slice(None)
-    if _CHECKED.get(key) is False:
-        return reference(whole)
-    if key not in _CHECKED:
-        sample = whole if sentences <= CHECK_SENTENCES else slice(0, CHECK_SENTENCES)
-        out, problem = _tried(kernel, reference, sample, precision)
-        if problem:
-            return _give_up(key, problem, reference(whole))
-        if problem == "":  # e.g. fp16 gradients a GradScaler made overflow: the check waits for a finite call
-            return reference(whole)
-        _CHECKED[key] = True
-        if sample == whole:
-            return out
-    try:
-        return kernel(whole)
-    except Exception as error:  # checked on fewer sentences, but failing here: off all the same
-        return _give_up(key, _reason(error), reference(whole))
-
-
-def _tried(kernel: Callable[[slice], T], reference: Callable[[slice], T], sample: slice, precision: str
-           ) -> tuple[T | None, str | None]:  # fmt: skip
-    """The kernel's result on `sample`, and what is wrong with it: None (it matches the reference), "" (the
-    reference is not finite: no verdict), or why it cannot be trusted."""
-    try:
-        out = kernel(sample)
-    except Exception as error:  # a triton/driver combination the kernel cannot compile for
-        return None, _reason(error)
-    expected = reference(sample)
-    if not all(t.isfinite().all() for t in _listed(expected)):
-        return out, ""
-    error = _disagreement(out, expected, 1e-4 if precision == "ieee" else 5e-2)
-    return out, None if error is None else f"differs from the plain path by {error:.3g}"
+def _tolerance(precision: str) -> float:
+    """How far the kernel may stray from the reference, relative to a result's largest value."""
+    return 1e-4 if precision == "ieee" else 5e-2
 
 
 def _take(t: torch.Tensor | None, sentences: slice) -> torch.Tensor | None:
     return None if t is None else t[sentences]
-
-
-def _reason(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-
-
-def _disagreement(got: T, want: T, tolerance: float) -> float | None:
-    """The first largest difference beyond `tolerance` times its tensor's largest value, or None."""
-    for a, b in zip(_listed(got), _listed(want), strict=True):
-        error = (a.float() - b.float()).abs().max().item()
-        if not error <= tolerance * max(b.float().abs().max().item(), 1e-12):
-            return error
-    return None
-
-
-def _listed(t: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t] if isinstance(t, torch.Tensor) else t
 
 
 def reference_block(
@@ -495,9 +448,3 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _outer(d_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """A linear layer's weight gradient: sum over rows of d_out^T inputs."""
     return d_out.flatten(0, -2).T @ inputs.flatten(0, -2)
-
-
-def _give_up(key: tuple[Any, ...], reason: str, fallback: T) -> T:
-    _CHECKED[key] = False
-    warnings.warn(f"tnt_vision: fused inner-block kernel off ({reason}); using the plain path", RuntimeWarning, 4)
-    return fallback
