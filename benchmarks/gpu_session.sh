@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements in one run, most important first, within a time budget (seconds, default 400):
 # Triton's kernels compiled for every autotuner configuration in parallel (`gpu_warm_cache.py`, in the background)
-# while every GPU test runs (pytest-xdist), then the backward's tiles at TNT-Ti/B's shapes each alone, the fused
-# block's training step (speed and memory), the block alone, the rest of the README's GPU table (TNT-Ti/B, TNT-S
-# eager and compiled inference), where inference time goes (operators by device time).
+# while every GPU test runs (pytest-xdist), then the add-and-norm kernel (each fusion alone and in the model), the
+# backward's tiles at TNT-Ti/B's shapes each alone, the fused block's training step (speed and memory), the block
+# alone, the rest of the README's GPU table (TNT-Ti/B, TNT-S eager and compiled inference), where inference time
+# goes (operators by device time).
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #     FROM=5 OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400   # a second call: steps 5 onwards
-#     STEPS="1 3 7" TESTS="gpu and training" WARM="bf16" OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 300
+#     STEPS="1 4 8" TESTS="gpu and training" WARM="bf16" OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 300
 #
 # STEPS: the step numbers to run (default all from FROM); TESTS: the GPU tests' -k expression (default "gpu");
 # WARM: the modes the compile warm-up covers (default all, see gpu_warm_cache.py --modes).
@@ -63,6 +64,7 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     step 300 120 python3 -m pytest -v -p no:cacheprovider $parallel --runxfail tests/test_kernels.py -k "$TESTS"
     echo "== waiting for the compile warm-up"; wait $warm; cat "$OUT/warm.txt"
+    step 150 60 python3 benchmarks/gpu_add_norm.py --batch 256 --runs 10 --out "$RES/gpu_add_norm.json"
     # the backward's configurations at TNT-Ti's and TNT-B's shapes, each alone (see verified_backward)
     step 150 60 python3 benchmarks/gpu_backward_configs.py --models tnt_ti_patch16_224 tnt_b_patch16_224
     step 150 60 $table --models tnt_s_patch16_224 --settings bf16-train --out "$RES/train"

@@ -21,10 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import add_norm_worker
 import triton_interpreter_worker
 from helpers import forward_backward
 from tnt_vision import kernels
-from tnt_vision.kernels import cpu_kernels, emulated_bf16, inner_block, triton_block, word_attention
+from tnt_vision.kernels import add_norm, cpu_kernels, emulated_bf16, inner_block, triton_block, word_attention
 from tnt_vision.kernels import onednn as onednn_module
 from tnt_vision.models import create_model, tnt
 from tnt_vision.models import layers as tnt_layers
@@ -1105,3 +1106,103 @@ def test_short_word_attention_on_the_gpu_matches_sdpa_with_gradients(monkeypatch
     fused = forward_backward(model, x)
     for a, b in zip(explicit, fused, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- the add-and-norm Triton kernel (GPU inference) -------------------------------------------------------------
+
+
+def check_add_norm_differences(diffs: dict[str, float]) -> None:
+    """fp32 results within rounding of the plain operators'; bf16 ones equal but for the rare element rounded the
+    other way (the plain path sums a row in another order)."""
+    for width in add_norm_worker.WIDTHS:
+        for name in ("norm", "add_and_norm", "add_normed"):
+            assert diffs[f"{name}_{width}_fp32_error"] <= 1e-6, (name, width, diffs)
+            for mode in ("autocast", "bf16"):
+                assert diffs[f"{name}_{width}_{mode}_error"] <= 1e-2, (name, width, mode, diffs)
+                assert diffs[f"{name}_{width}_{mode}_mismatch"] <= 1e-3, (name, width, mode, diffs)
+
+
+def check_add_norm_models(diffs: dict[str, float]) -> None:
+    for name, per_block in (("tnt_s_patch16_224", 4), ("tnt_b_patch16_224", 4), ("deit_s_patch16_224", 2)):
+        assert diffs[f"{name}_fp32"] <= 1e-5, (name, diffs)
+        assert diffs[f"{name}_autocast"] <= 3e-2, (name, diffs)
+        for mode in ("fp32", "autocast"):  # each of the 2 blocks' norms, and the first-use checks' samples
+            assert 2 * per_block <= diffs[f"{name}_{mode}_launches"] <= 4 * per_block, (name, mode, diffs)
+
+
+@needs_triton
+def test_add_norm_kernel_matches_the_plain_operators_under_the_interpreter(tmp_path: Path) -> None:
+    out = tmp_path / "diffs.json"
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+    }
+    worker = ROOT / "tests" / "add_norm_worker.py"
+    res = subprocess.run([sys.executable, str(worker), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    diffs = json.loads(out.read_text())
+    check_add_norm_differences(diffs)
+    check_add_norm_models(diffs)
+
+
+@needs_gpu_triton
+def test_add_norm_kernel_on_the_gpu_matches_the_plain_operators() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_add_norm_differences(add_norm_worker.kernel_differences("cuda"))
+        check_add_norm_models(add_norm_worker.model_differences("cuda"))
+    assert any(key[1].type == "cuda" for key in add_norm._CHECKED)
+
+
+def test_add_norm_steps_aside_where_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training, graph capture, rows it cannot address, hooks and the explicit path take the plain operators."""
+    monkeypatch.setattr(add_norm, "inner_block_applies", lambda x: True)  # as on a GPU
+    x, y = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
+    assert add_norm.add_norm_applies(x, y)
+    assert not add_norm.add_norm_applies(x, y.requires_grad_())
+    with torch.no_grad():
+        assert add_norm.add_norm_applies(x, y)
+    assert not add_norm.add_norm_applies(torch.randn(2, 5, add_norm.MAX_WIDTH + 1))
+    assert not add_norm.add_norm_applies(x.transpose(1, 2))
+    norm = tnt_layers.LayerNorm(24)
+    assert not norm.fused_on_gpu(x)  # its parameters record gradients
+    with torch.no_grad():
+        assert norm.fused_on_gpu(x)
+        with fused_attention(False):
+            assert not norm.fused_on_gpu(x)
+        norm.register_forward_hook(lambda *args: None)
+        assert not norm.fused_on_gpu(x)
+    model = create_model("tnt_s_patch16_224", depth=1, img_size=32).eval()
+    proj, sentences, words = model.blocks[0].word_proj, torch.randn(2, 5, 384), torch.randn(8, 16, 24)
+    with torch.no_grad():
+        assert proj.fused_on_gpu(sentences, words)
+        proj.norm2.register_forward_hook(lambda *args: None)
+        assert not proj.fused_on_gpu(sentences, words)
+    legacy = create_model("tnt_s_legacy_patch16_224", depth=1, img_size=32).eval().blocks[0].word_proj
+    with torch.no_grad():
+        assert not legacy.fused_on_gpu(sentences, words)  # no second norm to fuse
+
+
+def test_an_add_norm_kernel_that_disagrees_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One warning, the plain operators' result then and after, no second try for the configuration."""
+    monkeypatch.setattr(add_norm, "_CHECKED", {})
+    calls = []
+
+    def wrong(x: torch.Tensor, y: torch.Tensor, total: torch.Tensor, normed: torch.Tensor, *args: object) -> None:
+        calls.append(1)
+        total.copy_(x + y + 1)
+        normed.copy_(x)
+
+    monkeypatch.setattr(add_norm, "_launch", wrong)
+    norm, x, y = add_norm_worker.perturbed_norm(24), torch.randn(3, 5, 24), torch.randn(3, 5, 24)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="add-and-norm kernel off .*differs from the plain path"):
+            first = add_norm.add_and_norm(x, y, norm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = add_norm.add_and_norm(x, y, norm)
+        for total, normed in (first, second):
+            torch.testing.assert_close(total, x + y)
+            torch.testing.assert_close(normed, norm(x + y))
+    assert len(calls) == 1

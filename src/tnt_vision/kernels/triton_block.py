@@ -68,6 +68,16 @@ if triton is not None:
         return _round_mantissa(x, 16)
 
     @triton.jit
+    def round_to(x, DTYPE: tl.constexpr):
+        """fp32 x rounded to the nearest value of DTYPE ("fp32", "bf16" or "fp16"), kept in fp32: a store into a
+        DTYPE tensor then converts it exactly, also under the interpreter (which truncates to bf16)."""
+        if DTYPE == "bf16":
+            x = _round_bf16(x)
+        elif DTYPE == "fp16":
+            x = x.to(tl.float16).to(tl.float32)
+        return x
+
+    @triton.jit
     def _tile(sentences, WORDS: tl.constexpr, WIDTH: tl.constexpr, M_PAD: tl.constexpr, C_PAD: tl.constexpr,
               ROWS: tl.constexpr):  # fmt: skip
         """This program's rows and columns: offsets into (sentences, WORDS, WIDTH), their mask, sentence indices."""

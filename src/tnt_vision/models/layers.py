@@ -24,6 +24,7 @@ from ..kernels import (
     word_attention,
     word_attention_applies,
 )
+from ..kernels.add_norm import add_and_norm, add_norm_applies, norm_for_linear
 from ..kernels.emulated_bf16 import (
     BF16,
     attention_bf16,
@@ -93,7 +94,10 @@ class LayerNorm(nn.LayerNorm):
     def for_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The norm's output for the linear layer after it. Under bf16 autocast on a CPU with bf16 products
         (inference, no hook on the norm) the kernel rounds it to bf16 as it writes it, rows of any width: the
-        linear layer would round autocast's fp32 LayerNorm output to bf16 in another pass."""
+        linear layer would round autocast's fp32 LayerNorm output to bf16 in another pass. In GPU inference the
+        Triton kernel writes it in the linear layer's dtype likewise (`kernels.add_norm`)."""
+        if self.fused_on_gpu(x):
+            return norm_for_linear(x, self)
         if not self.writes_bf16(x):
             return self(x)
         return narrow_layer_norm(x, self.weight, self.bias, self.eps, bf16_output=True)[0]
@@ -101,13 +105,24 @@ class LayerNorm(nn.LayerNorm):
     def add_for_linear(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + y, `for_linear` of it): a residual update and the norm after it. Where the norm writes bf16 (see
         `for_linear`) in one pass of the compiled kernel over each row (`residual_add`), which also reads a bf16 y
-        as it is; the sum is a fresh tensor either way."""
+        as it is; in GPU inference in one pass of the Triton kernel (`kernels.add_norm`); the sum is a fresh tensor in
+        every case."""
+        if self.fused_on_gpu(x, y) and x.shape == y.shape:
+            return add_and_norm(x, y, self)
         if self.writes_bf16(x) and residual_add_applies(x, y):
             total, normed = residual_add(x, y, norm=self, bf16_output=True)
             assert normed is not None
             return total, normed
         total = x + y
         return total, self.for_linear(total)
+
+    def fused_on_gpu(self, *tensors: torch.Tensor) -> bool:
+        """Whether `add_norm`'s Triton kernel serves this norm over these tensors (`add_norm_applies`: GPU
+        inference, rows of any width up to its limit), outside the explicit path, without a hook on the norm."""
+        hooked = self._forward_hooks or self._forward_pre_hooks
+        if hooked or not fused_attention_enabled() or len(self.normalized_shape) != 1:
+            return False
+        return add_norm_applies(*tensors, self.weight, self.bias)
 
     def writes_bf16(self, x: torch.Tensor) -> bool:
         """Whether the kernel writes `for_linear`'s output in bf16: bf16 autocast on a CPU with bf16 products, no
@@ -352,8 +367,8 @@ class TransformerBlock(nn.Module):
             return self.lean_forward(x, low)
         if self.onednn_forward_applies(x):
             return self.onednn_forward(x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return self.add_mlp(x, self.mlp(self.norm2(x)))
+        x, normed = self.norm2.add_for_linear(x, self.drop_path(self.attn(self.norm1.for_linear(x))))
+        return self.add_mlp(x, self.mlp(normed))
 
     def lean_forward(self, x: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
         """`plain_forward` with each LayerNorm fused into the layer after it: its output is not kept for backward."""

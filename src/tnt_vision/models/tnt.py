@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..kernels import exporting_graph, onednn, residual_add, residual_add_applies
+from ..kernels.add_norm import add_norm_applies, add_normed, result_dtypes
 from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear, native_bf16_autocast
-from .layers import LayerNorm, Linear, TransformerBlock, fused_attention_enabled, lean_path
+from .layers import LayerNorm, Linear, TransformerBlock, fused_attention_enabled, lean_path, parts_hooked
 
 # Working set one block may touch per micro-batch on the CPU: the widest activation (the inner or outer MLP's
 # hidden layer) of a group of images is kept near this size so that it stays in the last-level cache.
@@ -175,11 +176,35 @@ class SentenceProjection(nn.Module):
         if self.legacy:
             normed = self.norm1.for_linear(words).reshape(batch, -1, words.shape[1] * words.shape[2])
             return self.norm2(self.proj(normed))
-        x = words.reshape(batch, -1, words.shape[1] * words.shape[2])  # (B, N, m*c)
+        x = self.sentences(words, batch)
         lean, low = lean_path(self, x)
         if lean:  # the norm's output is not kept for backward (kernels.emulated_bf16)
             return self.norm2(fused_linear(x, self.proj, low, norm=self.norm1))
         return self.norm2(self.proj(self.norm1.for_linear(x)))  # (B, N, d)
+
+    @staticmethod
+    def sentences(words: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B*N, m, c) words -> (B, N, m*c), each sentence's words side by side."""
+        return words.reshape(batch, -1, words.shape[1] * words.shape[2])
+
+    def add_to(self, sentences: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """The sentences (B, 1+N, d) with this projection of the words added to the patches' tokens
+        (`add_to_patches`). In GPU inference the second norm and the addition are one pass of the Triton kernel
+        (`kernels.add_norm`), which writes the sums straight into the new tensor."""
+        if not self.fused_on_gpu(sentences, words):
+            return add_to_patches(sentences, self(words, sentences.shape[0]))
+        update = self.proj(self.norm1.for_linear(self.sentences(words, sentences.shape[0])))
+        cls, patches = sentences.split([1, update.shape[1]], dim=1)
+        out = torch.empty(sentences.shape, dtype=result_dtypes(patches, update, self.norm2)[1], device=cls.device)
+        out[:, :1] = cls
+        add_normed(patches, update, self.norm2, out[:, 1:])
+        return out
+
+    def fused_on_gpu(self, sentences: torch.Tensor, words: torch.Tensor) -> bool:
+        """Whether `add_to` takes the Triton kernel: GPU inference (`add_norm_applies`), a second norm, no hook."""
+        if self.legacy or not fused_attention_enabled() or not add_norm_applies(sentences, words, *self.parameters()):
+            return False
+        return not (self._forward_hooks or self._forward_pre_hooks or parts_hooked(self))
 
 
 class TNTBlock(nn.Module):
@@ -210,7 +235,7 @@ class TNTBlock(nn.Module):
     def forward(self, words: torch.Tensor | None, sentences: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         if self.inner is not None and self.word_proj is not None and words is not None:
             words = self.inner(words)  # (B*N, m, c)
-            sentences = add_to_patches(sentences, self.word_proj(words, sentences.shape[0]))
+            sentences = self.word_proj.add_to(sentences, words)
         return words, self.outer(sentences)
 
 

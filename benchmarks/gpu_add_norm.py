@@ -1,0 +1,142 @@
+"""The add-and-norm Triton kernel (`tnt_vision.kernels.add_norm`) on a GPU: each fusion alone, and in the model.
+
+    PYTHONPATH=src python benchmarks/gpu_add_norm.py --batch 256 --out add_norm.json
+
+1. Each fusion at the model's shapes (batch x 197 tokens of the outer width; bf16 autocast over the fp32 stream,
+   and fp32): the plain operators the model ran before (the residual addition, the LayerNorm, the cast the next
+   linear layer makes; for the sentences' update, its norm, the addition and the class token's `cat`) against
+   the kernel. Medians of CUDA-event timings (`triton.testing.do_bench`), with the floor: the bytes the kernel
+   must move over a device-to-device copy's bandwidth measured here.
+2. The whole model in inference with the kernel and with it stepped aside (`add_norm_applies` answering no; the
+   inner blocks' kernel stays on in both), beside timm's DeiT-S: contenders interleaved round by round
+   (`bench.interleaved_times`), CUDA events, medians, images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from gpu_inner_block import copy_bandwidth, median_ms
+from torch import nn
+
+from tnt_vision.bench import BenchConfig, build_module, interleaved_times, make_inputs, never
+from tnt_vision.io import atomic_write
+from tnt_vision.kernels import add_norm
+from tnt_vision.models import create_model, get_spec
+from tnt_vision.models import layers as layers_module
+from tnt_vision.models import tnt as tnt_module
+
+
+def fusion_times(model: str, batch: int, dtype: str, bandwidth: float) -> dict[str, Any]:
+    """Plain operators against the kernel for each fusion (ms), and the kernel's floor."""
+    cfg = get_spec(model).config
+    tokens, width = 1 + cfg.grid_size[0] * cfg.grid_size[1], cfg.outer_dim
+    stream = torch.randn(batch, tokens, width, device="cuda")
+    low = torch.bfloat16 if dtype == "bf16" else torch.float32  # the branches' and the normed outputs' dtype
+    branch = torch.randn(batch, tokens, width, device="cuda").to(low)
+    norm = nn.LayerNorm(width).cuda()
+    cls, patches = stream.split([1, tokens - 1], dim=1)
+    update = branch[:, 1:].contiguous()
+
+    def sentences_update() -> torch.Tensor:
+        out = torch.empty_like(stream)
+        out[:, :1] = cls
+        add_norm.add_normed(patches, update, norm, out[:, 1:])
+        return out
+
+    s, b = stream.element_size(), branch.element_size()  # bytes per element: the stream; a branch or a norm
+    pairs: dict[str, tuple[Callable[[], object], Callable[[], object], int]] = {  # plain, kernel, bytes moved
+        "norm for linear": (lambda: norm(stream).to(low), lambda: add_norm.norm_for_linear(stream, norm), s + b),
+        "add and norm": (
+            lambda: (stream + branch, norm(stream + branch).to(low)),
+            lambda: add_norm.add_and_norm(stream, branch, norm),
+            s + b + s + b,
+        ),
+        "sentences' update": (
+            lambda: torch.cat([cls, patches + F.layer_norm(update, (width,), norm.weight, norm.bias)], dim=1),
+            sentences_update,
+            s + b + s,
+        ),
+    }
+    result: dict[str, Any] = {}
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=dtype == "bf16"):
+        for name, (plain, kernel, per_element) in pairs.items():
+            floor = stream.numel() * per_element / bandwidth * 1e3
+            result[name] = {"plain": median_ms(plain), "kernel": median_ms(kernel), "floor": floor}
+    return {"model": model, "dtype": dtype, "batch": batch, "rows": batch * tokens, "width": width, "ms": result}
+
+
+@contextlib.contextmanager
+def stepped_aside() -> Iterator[None]:
+    """The model's plain operators where it would take the add-and-norm kernel."""
+    with (
+        mock.patch.object(layers_module, "add_norm_applies", never),
+        mock.patch.object(tnt_module, "add_norm_applies", never),
+    ):
+        yield
+
+
+def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]:
+    """Inference of the whole model with the kernel and without, and timm's DeiT-S (ms per batch and images/s,
+    medians of interleaved rounds)."""
+    cfg = BenchConfig(model=model, batch=batch, runs=runs, warmup=3, device="cuda", dtype=dtype)
+    ours = create_model(model).cuda().eval()
+    deit = build_module("timm:deit_small_patch16_224", model, 224).cuda().eval()
+
+    def forward(
+        module: nn.Module, context: Callable[[], Any] = contextlib.nullcontext
+    ) -> Callable[[torch.Tensor], object]:
+        def step(x: torch.Tensor) -> object:
+            with context(), torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=dtype == "bf16"):
+                return module(x)
+
+        return step
+
+    steps = {"ours, add-and-norm kernel": forward(ours), "ours, plain norms": forward(ours, stepped_aside)}
+    steps["timm deit_small_patch16_224"] = forward(deit)
+    times = interleaved_times(steps, make_inputs(cfg, batch), cfg)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {
+        "model": model,
+        "dtype": dtype,
+        "batch": batch,
+        "ms": ms,
+        "images_per_s": {n: batch / t * 1e3 for n, t in ms.items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["tnt_s_patch16_224"])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32"))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_add_norm.json"))
+    args = p.parse_args()
+    if not torch.cuda.is_available() or add_norm.triton is None:
+        raise SystemExit("needs a CUDA GPU and triton")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report |= {"copy_GB_per_s": bandwidth / 1e9, "fusions": [], "models": []}
+    print(f"{report['gpu']}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    for model in args.models:
+        for dtype in args.dtypes:
+            for kind, row in (("fusions", fusion_times(model, args.batch, dtype, bandwidth)),
+                              ("models", model_times(model, args.batch, dtype, args.runs))):  # fmt: skip
+                report[kind].append(row)
+                print(json.dumps(row))
+    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+
+
+if __name__ == "__main__":
+    main()
