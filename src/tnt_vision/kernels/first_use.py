@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import torch
 
 T = TypeVar("T", torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, ...])
+ALL = slice(None)
 
 
 def checked(
@@ -31,7 +32,7 @@ def checked(
     reference's, the kernel then switched off for `key` in `verdicts` with one warning naming `what`. `kernel`
     and `reference` take the rows to run on; they agree when each result is within `tolerance` times its largest
     value of the reference's."""
-    whole = slice(None)
+    whole = ALL
     if verdicts.get(key) is False:
         return reference(whole)
     if key not in verdicts:
@@ -48,6 +49,11 @@ def checked(
         return kernel(whole)
     except Exception as error:  # checked on fewer rows, but failing here: off all the same
         return _give_up(verdicts, key, what, _reason(error), reference(whole))
+
+
+def take(t: torch.Tensor | None, rows: slice) -> Any:
+    """The rows of t (None stays None); t itself for all of them, without a view's cost on every call."""
+    return t if t is None or rows == ALL else t[rows]
 
 
 def _tried(kernel: Callable[[slice], T], reference: Callable[[slice], T], rows: slice, tolerance: float

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import switched_on
-from .first_use import checked
+from .first_use import checked, take
 from .triton_block import (
     BACKWARD,
     CONFIGS,
@@ -270,8 +270,8 @@ def fused_inner_block(
     return checked(
         _CHECKED,
         _key("forward", x, heads, precision, scales),
-        lambda s: _launch(x[s], weights, qkv_bias, heads, eps, precision=precision, scales=_take(scales, s)),
-        lambda s: reference_block(x[s], weights, qkv_bias, heads, eps, scales=_take(scales, s)),
+        lambda s: _launch(take(x, s), weights, qkv_bias, heads, eps, precision=precision, scales=take(scales, s)),
+        lambda s: reference_block(take(x, s), weights, qkv_bias, heads, eps, scales=take(scales, s)),
         x.shape[0],
         CHECK_SENTENCES,
         _tolerance(precision),
@@ -301,8 +301,8 @@ def fused_inner_block_backward(
     return checked(
         _CHECKED,
         _key("backward", x, heads, precision, scales),
-        lambda s: _launch_backward(grad[s], x[s], *args, precision=precision, scales=_take(scales, s)),
-        lambda s: reference_backward(grad[s], x[s], *args, scales=_take(scales, s)),
+        lambda s: _launch_backward(take(grad, s), take(x, s), *args, precision=precision, scales=take(scales, s)),
+        lambda s: reference_backward(take(grad, s), take(x, s), *args, scales=take(scales, s)),
         x.shape[0],
         CHECK_SENTENCES,
         _tolerance(precision),
@@ -342,10 +342,6 @@ def _key(kernel: str, x: torch.Tensor, heads: int, precision: str, scales: torch
 def _tolerance(precision: str) -> float:
     """How far the kernel may stray from the reference, relative to a result's largest value."""
     return 1e-4 if precision == "ieee" else 5e-2
-
-
-def _take(t: torch.Tensor | None, sentences: slice) -> torch.Tensor | None:
-    return None if t is None else t[sentences]
 
 
 def reference_block(
