@@ -6,10 +6,12 @@
    and fp32): the plain operators the model ran before (the residual addition, the LayerNorm, the cast the next
    linear layer makes; for the sentences' update, its norm, the addition and the class token's `cat`) against
    the kernel. Medians of CUDA-event timings (`triton.testing.do_bench`), with the floor: the bytes the kernel
-   must move over a device-to-device copy's bandwidth measured here.
+   must move over a device-to-device copy's bandwidth measured here; and the host's time to issue one call
+   (microseconds, mean of 200 calls without waiting for the GPU), which bounds a model of many small launches.
 2. The whole model in inference with the kernel and with it stepped aside (`add_norm_applies` answering no; the
    inner blocks' kernel stays on in both), beside timm's DeiT-S: contenders interleaved round by round
-   (`bench.interleaved_times`), CUDA events, medians, images/s.
+   (`bench.interleaved_times`), CUDA events, medians, images/s; and the host's time to issue one forward (ms,
+   medians): where it reaches the GPU's time, the model waits on Python, not on the GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,27 @@ from tnt_vision.kernels import add_norm
 from tnt_vision.models import create_model, get_spec
 from tnt_vision.models import layers as layers_module
 from tnt_vision.models import tnt as tnt_module
+
+
+def issue_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Host microseconds per call, the GPU not waited for (mean over `calls`)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def issue_seconds(step: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
+    """Host seconds to issue one call of `step` (for `interleaved_times`' measure)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(x)
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed
 
 
 def fusion_times(model: str, batch: int, dtype: str, bandwidth: float) -> dict[str, Any]:
@@ -72,6 +96,7 @@ def fusion_times(model: str, batch: int, dtype: str, bandwidth: float) -> dict[s
         for name, (plain, kernel, per_element) in pairs.items():
             floor = stream.numel() * per_element / bandwidth * 1e3
             result[name] = {"plain": median_ms(plain), "kernel": median_ms(kernel), "floor": floor}
+            result[name] |= {"plain issue us": issue_us(plain), "kernel issue us": issue_us(kernel)}
     return {"model": model, "dtype": dtype, "batch": batch, "rows": batch * tokens, "width": width, "ms": result}
 
 
@@ -86,8 +111,8 @@ def stepped_aside() -> Iterator[None]:
 
 
 def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]:
-    """Inference of the whole model with the kernel and without, and timm's DeiT-S (ms per batch and images/s,
-    medians of interleaved rounds)."""
+    """Inference of the whole model with the kernel and without, and timm's DeiT-S: ms per batch (CUDA events),
+    the host's ms to issue it, and images/s; medians of interleaved rounds."""
     cfg = BenchConfig(model=model, batch=batch, runs=runs, warmup=3, device="cuda", dtype=dtype)
     ours = create_model(model).cuda().eval()
     deit = build_module("timm:deit_small_patch16_224", model, 224).cuda().eval()
@@ -103,15 +128,12 @@ def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]
 
     steps = {"ours, add-and-norm kernel": forward(ours), "ours, plain norms": forward(ours, stepped_aside)}
     steps["timm deit_small_patch16_224"] = forward(deit)
-    times = interleaved_times(steps, make_inputs(cfg, batch), cfg)
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return {
-        "model": model,
-        "dtype": dtype,
-        "batch": batch,
-        "ms": ms,
-        "images_per_s": {n: batch / t * 1e3 for n, t in ms.items()},
-    }
+    inputs = make_inputs(cfg, batch)
+    ms = {name: statistics.median(t) * 1e3 for name, t in interleaved_times(steps, inputs, cfg).items()}
+    issued = interleaved_times(steps, inputs, cfg, measure=issue_seconds)
+    result: dict[str, Any] = {"model": model, "dtype": dtype, "batch": batch, "ms": ms}
+    result["issue ms"] = {name: statistics.median(t) * 1e3 for name, t in issued.items()}
+    return result | {"images_per_s": {name: batch / t * 1e3 for name, t in ms.items()}}
 
 
 def main() -> None:
