@@ -16,19 +16,17 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from gpu_inner_block import copy_bandwidth, median_ms
+from gpu_inner_block import gpu_parser, gpu_report, median_ms
 from torch import nn
 
 from tnt_vision.bench import BenchConfig, build_module, interleaved_times, make_inputs, never
@@ -39,25 +37,24 @@ from tnt_vision.models import layers as layers_module
 from tnt_vision.models import tnt as tnt_module
 
 
-def issue_us(fn: Callable[[], object], calls: int = 200) -> float:
-    """Host microseconds per call, the GPU not waited for (mean over `calls`)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
-
-
-def issue_seconds(step: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
-    """Host seconds to issue one call of `step` (for `interleaved_times`' measure)."""
+def issue_seconds(step: Callable[[Any], object], x: Any) -> float:
+    """Host seconds to issue one call of `step`, the GPU not waited for (also `interleaved_times`' measure)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     step(x)
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed
+
+
+def issue_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Host microseconds per call of `fn`, the GPU not waited for (mean over `calls`)."""
+
+    def repeated(_: object) -> None:
+        for _ in range(calls):
+            fn()
+
+    return issue_seconds(repeated, None) / calls * 1e6
 
 
 def fusion_times(model: str, batch: int, dtype: str, bandwidth: float) -> dict[str, Any]:
@@ -137,20 +134,8 @@ def model_times(model: str, batch: int, dtype: str, runs: int) -> dict[str, Any]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["tnt_s_patch16_224"])
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=("bf16", "fp32"))
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_add_norm.json"))
-    args = p.parse_args()
-    if not torch.cuda.is_available() or add_norm.triton is None:
-        raise SystemExit("needs a CUDA GPU and triton")
-    torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
-    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    report |= {"copy_GB_per_s": bandwidth / 1e9, "fusions": [], "models": []}
-    print(f"{report['gpu']}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    args = gpu_parser(__doc__, ("bf16", "fp32"), "benchmarks/results/gpu_add_norm.json").parse_args()
+    report, bandwidth = gpu_report("fusions", "models")
     for model in args.models:
         for dtype in args.dtypes:
             for kind, row in (("fusions", fusion_times(model, args.batch, dtype, bandwidth)),

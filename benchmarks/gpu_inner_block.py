@@ -149,21 +149,33 @@ def model_times(model: str, batch: int, dtype: str, runs: int, train: bool = Fal
     return {"model": model, "dtype": dtype, "batch": batch, "train": train, "ms": medians}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def gpu_parser(doc: str, dtypes: tuple[str, ...], out: str) -> argparse.ArgumentParser:
+    """The GPU scripts' shared arguments: --models, --dtypes (all of `dtypes` by default), --batch, --runs, --out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tnt_s_patch16_224"])
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32", "tf32"], choices=("bf16", "fp32", "tf32"))
+    p.add_argument("--dtypes", nargs="+", default=list(dtypes), choices=dtypes)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_inner_block.json"))
-    args = p.parse_args()
-    if not torch.cuda.is_available() or ib.triton is None:
+    p.add_argument("--out", type=Path, default=Path(out))
+    return p
+
+
+def gpu_report(*kinds: str) -> tuple[dict[str, Any], float]:
+    """A GPU script's report, started: the GPU, torch, and the copy bandwidth measured here (also returned, bytes
+    per second), with an empty list for each kind of row; printed. Exits where there is no GPU or no triton."""
+    if not torch.cuda.is_available() or tb.triton is None:
         raise SystemExit("needs a CUDA GPU and triton")
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    report |= {"copy_GB_per_s": bandwidth / 1e9, "blocks": [], "models": []}
+    report |= {"copy_GB_per_s": bandwidth / 1e9, **{kind: [] for kind in kinds}}
     print(f"{report['gpu']}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    return report, bandwidth
+
+
+def main() -> None:
+    args = gpu_parser(__doc__, ("bf16", "fp32", "tf32"), "benchmarks/results/gpu_inner_block.json").parse_args()
+    report, bandwidth = gpu_report("blocks", "models")
     for model in args.models:
         for dtype in args.dtypes:
             row = block_times(model, args.batch, dtype, bandwidth)

@@ -4,7 +4,6 @@ whole models too; writes the measured differences to argv[1]."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ from torch import nn
 from tnt_vision.kernels import add_norm
 from tnt_vision.models import create_model
 from tnt_vision.models.layers import fused_attention
+from triton_interpreter_worker import counted
 
 WIDTHS = (24, 100, 384, 640)  # a word, a width that is no power of two, TNT-S's and TNT-B's sentences
 MODES = ("fp32", "autocast", "bf16")  # fp32 tensors; bf16 autocast over an fp32 stream and bf16 branch; bf16 tensors
@@ -82,18 +82,6 @@ def kernel_differences(device: str) -> dict[str, float]:
     return diffs
 
 
-@contextlib.contextmanager
-def counted() -> Iterator[list[int]]:
-    """The kernel's launches (one entry each) while the block runs."""
-    calls: list[int] = []
-    original = add_norm._launch
-    add_norm._launch = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
-    try:
-        yield calls
-    finally:
-        add_norm._launch = original
-
-
 def model_differences(device: str) -> dict[str, float]:
     """Logits of small TNT-S/B and DeiT-S models in inference, fp32 and under bf16 autocast, with the kernel and
     by the explicit path (no fast path), relative to the largest logit; and the kernel's launches."""
@@ -105,7 +93,7 @@ def model_differences(device: str) -> dict[str, float]:
             with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=mode == "autocast"):
                 with fused_attention(False):
                     reference = model(x).float()
-                with counted() as calls:
+                with counted("_launch", add_norm) as calls:
                     fast = model(x).float()
             diffs[f"{name}_{mode}"] = ((fast - reference).abs().max() / reference.abs().max()).item()
             diffs[f"{name}_{mode}_launches"] = len(calls)

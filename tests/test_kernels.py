@@ -664,15 +664,21 @@ def test_torch_compile_keeps_the_kernel_in_its_graph_with_gradients() -> None:
 needs_triton = pytest.mark.skipif(inner_block.triton is None, reason="triton is not installed")
 
 
+def interpreted(worker: str, tmp_path: Path) -> dict[str, float]:
+    """The differences a worker script in tests/ measured with TRITON_INTERPRET=1 (Triton's interpreter runs the GPU
+    kernels on CPU tensors), in a process of its own: the interpreter is chosen when Triton is imported."""
+    out = tmp_path / "diffs.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    script = ROOT / "tests" / worker
+    res = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @needs_triton
 def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: Path) -> None:
     """Triton's interpreter runs the GPU kernel on CPU tensors, so this check needs no GPU."""
-    out = tmp_path / "diffs.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    worker = ROOT / "tests" / "triton_interpreter_worker.py"
-    res = subprocess.run([sys.executable, str(worker), str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    diffs = json.loads(out.read_text())
+    diffs = interpreted("triton_interpreter_worker.py", tmp_path)
     for name in triton_interpreter_worker.BLOCKS:
         for variant in triton_interpreter_worker.VARIANTS:
             assert diffs[f"{name}_{variant}"] <= 1e-5, (name, variant, diffs)  # exact fp32 products
@@ -1133,16 +1139,7 @@ def check_add_norm_models(diffs: dict[str, float]) -> None:
 
 @needs_triton
 def test_add_norm_kernel_matches_the_plain_operators_under_the_interpreter(tmp_path: Path) -> None:
-    out = tmp_path / "diffs.json"
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-    }
-    worker = ROOT / "tests" / "add_norm_worker.py"
-    res = subprocess.run([sys.executable, str(worker), str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    diffs = json.loads(out.read_text())
+    diffs = interpreted("add_norm_worker.py", tmp_path)
     check_add_norm_differences(diffs)
     check_add_norm_models(diffs)
 

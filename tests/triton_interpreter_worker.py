@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -144,15 +145,15 @@ def model_differences() -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def counted(name: str) -> Iterator[list[int]]:
-    """The calls of the kernel launcher `ib.<name>` while the block runs (one entry each)."""
+def counted(name: str, module: ModuleType = ib) -> Iterator[list[int]]:
+    """The calls of the kernel launcher `module.<name>` while the block runs (one entry each)."""
     calls: list[int] = []
-    original = getattr(ib, name)
-    setattr(ib, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original = getattr(module, name)
+    setattr(module, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     try:
         yield calls
     finally:
-        setattr(ib, name, original)
+        setattr(module, name, original)
 
 
 if __name__ == "__main__":

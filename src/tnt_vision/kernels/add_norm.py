@@ -82,8 +82,10 @@ def add_norm_applies(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether the kernel (`norm_for_linear`, `add_and_norm`, `add_normed`) takes x and the others (y, the norms'
     parameters): 3-d with contiguous rows of at most MAX_WIDTH, on a GPU where Triton works (or on the CPU under
     Triton's interpreter), where no gradient is recorded and no graph is captured."""
+    if not inner_block_applies(x) or x.shape[-1] > MAX_WIDTH:  # the cheap test first: it says no on the CPU
+        return False
     tensors = [x, *(t for t in others if t is not None)]
-    if not inner_block_applies(x) or x.shape[-1] > MAX_WIDTH or any(t.stride(-1) != 1 for t in tensors):
+    if any(t.stride(-1) != 1 for t in tensors):
         return False
     return not grad_recorded(tensors) and not capturing_graph()
 
@@ -95,8 +97,7 @@ def norm_for_linear(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
 
 def add_and_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, `norm_for_linear` of it) in one pass, the sum a fresh tensor, where `add_norm_applies`."""
-    total, normed = _checked_launch(x, y, None, norm, None)
-    return total, normed
+    return _checked_launch(x, y, None, norm, None)
 
 
 def add_normed(x: torch.Tensor, y: torch.Tensor, y_norm: nn.LayerNorm, out: torch.Tensor) -> None:

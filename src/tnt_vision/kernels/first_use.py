@@ -32,23 +32,22 @@ def checked(
     reference's, the kernel then switched off for `key` in `verdicts` with one warning naming `what`. `kernel`
     and `reference` take the rows to run on; they agree when each result is within `tolerance` times its largest
     value of the reference's."""
-    whole = ALL
     if verdicts.get(key) is False:
-        return reference(whole)
+        return reference(ALL)
     if key not in verdicts:
-        rows = whole if size <= sample else slice(0, sample)
+        rows = ALL if size <= sample else slice(0, sample)
         out, problem = _tried(kernel, reference, rows, tolerance)
         if problem:
-            return _give_up(verdicts, key, what, problem, reference(whole))
+            return _give_up(verdicts, key, what, problem, reference(ALL))
         if problem == "":  # e.g. fp16 gradients a GradScaler made overflow: the check waits for a finite call
-            return reference(whole)
+            return reference(ALL)
         verdicts[key] = True
-        if rows == whole:
+        if rows == ALL:
             return out
     try:
-        return kernel(whole)
+        return kernel(ALL)
     except Exception as error:  # checked on fewer rows, but failing here: off all the same
-        return _give_up(verdicts, key, what, _reason(error), reference(whole))
+        return _give_up(verdicts, key, what, _reason(error), reference(ALL))
 
 
 def take(t: torch.Tensor | None, rows: slice) -> Any:

@@ -107,7 +107,7 @@ class LayerNorm(nn.LayerNorm):
         `for_linear`) in one pass of the compiled kernel over each row (`residual_add`), which also reads a bf16 y
         as it is; in GPU inference in one pass of the Triton kernel (`kernels.add_norm`); the sum is a fresh tensor in
         every case."""
-        if self.fused_on_gpu(x, y) and x.shape == y.shape:
+        if x.shape == y.shape and self.fused_on_gpu(x, y):
             return add_and_norm(x, y, self)
         if self.writes_bf16(x) and residual_add_applies(x, y):
             total, normed = residual_add(x, y, norm=self, bf16_output=True)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..kernels import exporting_graph, onednn, residual_add, residual_add_applies
+from ..kernels import exporting_graph, grad_recorded, onednn, residual_add, residual_add_applies
 from ..kernels.add_norm import add_norm_applies, add_normed, result_dtypes
 from ..kernels.emulated_bf16 import conv2d_bf16, emulating_bf16, fused_linear, native_bf16_autocast
 from .layers import LayerNorm, Linear, TransformerBlock, fused_attention_enabled, lean_path, parts_hooked
@@ -202,7 +202,9 @@ class SentenceProjection(nn.Module):
 
     def fused_on_gpu(self, sentences: torch.Tensor, words: torch.Tensor) -> bool:
         """Whether `add_to` takes the Triton kernel: GPU inference (`add_norm_applies`), a second norm, no hook."""
-        if self.legacy or not fused_attention_enabled() or not add_norm_applies(sentences, words, *self.parameters()):
+        if self.legacy or not fused_attention_enabled() or not add_norm_applies(sentences, words):
+            return False  # the cheap tests first: on the CPU the parameters are never listed
+        if grad_recorded(self.parameters()):
             return False
         return not (self._forward_hooks or self._forward_pre_hooks or parts_hooked(self))
 
