@@ -41,7 +41,7 @@ from tnt_vision.bench import (
 from tnt_vision.cli import main
 from tnt_vision.kernels import emulated_bf16, onednn
 from tnt_vision.models import create_model, layers, tnt
-from tnt_vision.models.layers import Attention, Mlp, TransformerBlock, fused_attention, lean_path
+from tnt_vision.models.layers import Attention, Mlp, TransformerBlock, fused_attention, lean_path, parts_hooked
 
 TINY = {"depth": 2, "img_size": 32, "num_classes": 10}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -618,12 +618,12 @@ def test_onednn_packed_weights_follow_the_parameters() -> None:
         torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
     check()
-    assert sum(w in onednn._PACKED for w in linear_weights) == len(linear_weights)
+    assert all(onednn._PACKED.get(id(w)) for w in linear_weights)
     model.load_state_dict(randomize_(create_model("tnt_s_patch16_224", **TINY)).state_dict())  # in place
     check()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()(x).square().mean().backward()
-    assert not any(w in onednn._PACKED for w in linear_weights)
+    assert not any(onednn._PACKED.get(id(w)) for w in linear_weights)
     check()
     optimizer.step()  # in place, after the packing
     check()
@@ -636,6 +636,50 @@ def test_onednn_packed_weights_follow_the_parameters() -> None:
     with torch.inference_mode():
         packed = onednn.packed(weight, 2)
     assert packed.shape == weight.shape
+
+
+@pytest.mark.skipif(
+    not (onednn.available() and onednn._packing_available()), reason="this PyTorch cannot pack oneDNN weights"
+)
+def test_onednn_packed_weights_go_with_their_parameter() -> None:
+    """The packed copies are kept by the weight's id: its entry goes when the weight does, never met by a tensor
+    that reuses the id; `release` empties the entry and keeps it (one finalizer a weight)."""
+    layer = torch.nn.Linear(8, 4)
+    key = id(layer.weight)
+    with torch.inference_mode():
+        first = onednn.packed(layer.weight, 2)
+        assert onednn.packed(layer.weight, 2) is first  # packed once
+    onednn.release([layer.weight])
+    assert onednn._PACKED[key] == {}
+    with torch.inference_mode():
+        assert onednn.packed(layer.weight, 2) is not first
+    del layer, first
+    assert key not in onednn._PACKED
+
+
+def test_profiler_labels_only_while_a_profiler_records() -> None:
+    assert isinstance(kernels.profiled("tnt_vision::layer_norm"), contextlib.nullcontext)
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu) as profile, kernels.profiled("tnt_vision::a_label"):
+        torch.ones(2).sum()
+    assert "tnt_vision::a_label" in {event.name for event in profile.events()}
+
+
+def test_parts_hooked_finds_a_hook_at_any_depth() -> None:
+    """Forward hooks and pre-hooks on children, grandchildren and deeper count; the module's own do not (it is
+    called), nor other kinds of hook, nor an empty slot."""
+    block = TransformerBlock(8, 2)
+    block.register_module("absent", None)
+    block.register_forward_hook(lambda *args: None)
+    block.register_full_backward_hook(lambda *args: None)
+    assert not parts_hooked(block)
+    for part in (block.norm1, block.attn.qkv, block.mlp.act):
+        for register in (part.register_forward_hook, part.register_forward_pre_hook):
+            handle = register(lambda *args: None)
+            assert parts_hooked(block)
+            assert parts_hooked(block.attn) == (part is block.attn.qkv)
+            handle.remove()
+            assert not parts_hooked(block)
 
 
 def test_onednn_leaves_inference_weights_unpacked() -> None:

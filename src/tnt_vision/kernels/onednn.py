@@ -19,10 +19,11 @@ or shape), and dropped by `release` (the model does so when it is put in trainin
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ENV_SWITCH, capturing_graph, residual_add, residual_add_applies, switched_on
 from .emulated_bf16 import BF16, native_bf16_autocast
@@ -55,10 +56,12 @@ def onednn_applies(x: torch.Tensor) -> bool:
     return available() and switched_on(ENV_SWITCH)
 
 
-# weight -> {dtype: (its values when packed; their address, layout and version; the weight in oneDNN's layout)}.
-# Entries go when their weight does. Holding the packed values keeps their storage alive, so a weight given new
-# storage (`weight.data = ...`) cannot land at the same address and pass for the packed one.
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(weight) -> {dtype: (its values when packed; their address, layout and version; the weight in oneDNN's layout)}.
+# An entry goes when its weight does (a finalizer, registered with the entry), so no other tensor meets it under the
+# same id. Holding the packed values keeps their storage alive, so a weight given new storage (`weight.data = ...`)
+# cannot land at the same address and pass for the packed one. A plain dict: a `WeakIdKeyDictionary` made a weak
+# reference on every lookup, 110 times a TNT-S forward.
+_PACKED: dict[int, dict[torch.dtype, tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]]] = {}
 
 
 def packed(weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,7 +73,10 @@ def packed(weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) 
     if weight.is_inference() or not _packing_available():
         return weight.to(dtype)
     stamp = (weight.data_ptr(), weight.shape, weight.stride(), weight._version)
-    entries = _PACKED.setdefault(weight, {})
+    entries = _PACKED.get(id(weight))
+    if entries is None:
+        entries = _PACKED[id(weight)] = {}
+        weakref.finalize(weight, _PACKED.pop, id(weight), None)
     entry = entries.get(dtype)
     if entry is None or entry[1] != stamp:
         values = weight.detach()
@@ -81,7 +87,7 @@ def packed(weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) 
 def release(weights: Iterable[torch.Tensor]) -> None:
     """Drop the packed copies of `weights` (their memory; a stale copy is never used)."""
     for weight in weights:
-        _PACKED.pop(weight, None)
+        _PACKED.get(id(weight), {}).clear()  # the entry and its finalizer stay: one of each per weight
 
 
 def _rows(x: torch.Tensor) -> int:
