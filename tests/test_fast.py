@@ -642,10 +642,18 @@ def test_onednn_packed_weights_follow_the_parameters() -> None:
     not (onednn.available() and onednn._packing_available()), reason="this PyTorch cannot pack oneDNN weights"
 )
 def test_onednn_packed_weights_go_with_their_parameter() -> None:
-    """The packed copies are kept by the weight's id: its entry goes when the weight does, never met by a tensor
-    that reuses the id; `release` empties the entry and keeps it (one finalizer a weight)."""
+    """The packed copies (and biases cast to bf16) are kept by the tensor's id: its entry goes when the tensor does,
+    never met by a tensor that reuses the id; `release` empties the entry and keeps it (one finalizer a tensor)."""
     layer = torch.nn.Linear(8, 4)
     key = id(layer.weight)
+    with torch.inference_mode():
+        low = onednn.cast(layer.bias, torch.bfloat16)
+        assert onednn.cast(layer.bias, torch.bfloat16) is low
+        assert torch.equal(low, layer.bias.to(torch.bfloat16))
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # in place: a new version
+    with torch.inference_mode():
+        assert torch.equal(onednn.cast(layer.bias, torch.bfloat16), layer.bias.to(torch.bfloat16))
     with torch.inference_mode():
         first = onednn.packed(layer.weight, 2)
         assert onednn.packed(layer.weight, 2) is first  # packed once

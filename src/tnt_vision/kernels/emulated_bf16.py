@@ -48,6 +48,7 @@ BF16 = torch.bfloat16
 
 
 @functools.cache
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (or is not one whose lack of it we know how to detect)."""
     capability = torch.backends.cpu.get_cpu_capability()
@@ -59,9 +60,9 @@ def native_bf16() -> bool:
 
 def emulating_bf16(x: torch.Tensor) -> bool:
     """CPU autocast to bf16, on a CPU without bf16 arithmetic, outside graph capture."""
-    if not _bf16_autocast(x) or capturing_graph():
+    if not _bf16_autocast(x) or native_bf16():  # the cheap tests first: asked of every linear layer
         return False
-    return not native_bf16() and switched_on(ENV_SWITCH)
+    return not capturing_graph() and switched_on(ENV_SWITCH)
 
 
 def native_bf16_autocast(x: torch.Tensor) -> bool:

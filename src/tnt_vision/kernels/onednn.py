@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -56,12 +56,12 @@ def onednn_applies(x: torch.Tensor) -> bool:
     return available() and switched_on(ENV_SWITCH)
 
 
-# id(weight) -> {dtype: (its values when packed; their address, layout and version; the weight in oneDNN's layout)}.
-# An entry goes when its weight does (a finalizer, registered with the entry), so no other tensor meets it under the
-# same id. Holding the packed values keeps their storage alive, so a weight given new storage (`weight.data = ...`)
-# cannot land at the same address and pass for the packed one. A plain dict: a `WeakIdKeyDictionary` made a weak
-# reference on every lookup, 110 times a TNT-S forward.
-_PACKED: dict[int, dict[torch.dtype, tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]]] = {}
+# id(tensor) -> {(dtype, packed or cast): (its values then; their address, layout and version; the copy)}. An entry
+# goes when its tensor does (a finalizer, registered with the entry), so no other tensor meets it under the same id.
+# Holding the values keeps their storage alive, so a tensor given new storage (`weight.data = ...`) cannot land at
+# the same address and pass for the one copied. A plain dict: a `WeakIdKeyDictionary` made a weak reference on
+# every lookup, 110 times a TNT-S forward.
+_PACKED: dict[int, dict[tuple[torch.dtype, bool], tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]]] = {}
 
 
 def packed(weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -72,20 +72,35 @@ def packed(weight: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) 
     """
     if weight.is_inference() or not _packing_available():
         return weight.to(dtype)
-    stamp = (weight.data_ptr(), weight.shape, weight.stride(), weight._version)
-    entries = _PACKED.get(id(weight))
+    return _kept(weight, (dtype, True), lambda values: torch.ops.mkldnn._reorder_linear_weight(values.to(dtype), rows))
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)`, cast once per value of a parameter (a bias under bf16 autocast, cast on every call by
+    autocast), as `packed` keeps its weights."""
+    if tensor.dtype == dtype or tensor.is_inference():
+        return tensor.to(dtype)
+    return _kept(tensor, (dtype, False), lambda values: values.to(dtype))
+
+
+def _kept(
+    tensor: torch.Tensor, key: tuple[torch.dtype, bool], make: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`make(tensor.detach())`, kept for `tensor` under `key` and remade when its address, layout or version change."""
+    stamp = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor._version)
+    entries = _PACKED.get(id(tensor))
     if entries is None:
-        entries = _PACKED[id(weight)] = {}
-        weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    entry = entries.get(dtype)
+        entries = _PACKED[id(tensor)] = {}
+        weakref.finalize(tensor, _PACKED.pop, id(tensor), None)
+    entry = entries.get(key)
     if entry is None or entry[1] != stamp:
-        values = weight.detach()
-        entry = entries[dtype] = (values, stamp, torch.ops.mkldnn._reorder_linear_weight(values.to(dtype), rows))
+        values = tensor.detach()
+        entry = entries[key] = (values, stamp, make(values))
     return entry[2]
 
 
 def release(weights: Iterable[torch.Tensor]) -> None:
-    """Drop the packed copies of `weights` (their memory; a stale copy is never used)."""
+    """Drop the copies kept of `weights` and biases (their memory; a stale copy is never used)."""
     for weight in weights:
         _PACKED.get(id(weight), {}).clear()  # the entry and its finalizer stay: one of each per weight
 
@@ -100,7 +115,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     Under autocast (bf16, where `onednn_applies`) the operands are cast to bf16 first, as autocast casts them.
     """
     if torch.is_autocast_enabled("cpu"):
-        x, bias = x.to(BF16), None if bias is None else bias.to(BF16)
+        x, bias = x.to(BF16), None if bias is None else cast(bias, BF16)
     weight = packed(weight, _rows(x), x.dtype)
     if gelu and gelu_epilogue(x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")

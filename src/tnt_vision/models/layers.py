@@ -351,7 +351,7 @@ class TransformerBlock(nn.Module):
         words, on a GPU, in inference and training (drop-path included; dropout inside the block is not).
 
         Kept under torch.compile (an opaque operator in its graph), not in graphs that leave PyTorch."""
-        if exporting_graph() or not (fused_attention_enabled() and inner_block_applies(x)):
+        if not (fused_attention_enabled() and inner_block_applies(x)) or exporting_graph():  # the cheap tests first
             return False
         if self.se is not None or not self.mlp.fusable() or (self.training and self.attn.dropout_rate() > 0):
             return False
