@@ -845,6 +845,26 @@ def test_time_breakdown_sorts_operators_into_products_attention_and_rest(tmp_pat
     assert all(" calls, " in line for line in operators)
 
 
+def test_host_overhead_times_equivalent_narrow_models_and_counts_their_calls() -> None:
+    """`benchmarks/host_overhead.py`: ours and timm's TNT at the same narrow widths (the same parameters), DeiT-S
+    beside them; the Python calls of a forward counted, the fast path's and the explicit path's apart."""
+    host = benchmark_module("host_overhead")
+    models = host.contenders("tnt_s_patch16_224")
+    sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    assert sizes["tnt-vision"] == sizes["timm TNT"] > sizes["timm DeiT-S"]
+    ours = models["tnt-vision"]
+    assert (ours.cfg.outer_dim, len(ours.blocks)) == (24, 12)
+    cfg = BenchConfig(model="tnt_s_patch16_224", batch=1, img_size=32)
+    step = bench.inference_step(ours, cfg)
+    x = torch.randn(1, 3, 32, 32)
+    assert host.per_forward(2)(step, x) > 0
+    fast = host.python_calls(step, x)
+    with fused_attention(False):
+        explicit = host.python_calls(step, x)
+    assert min(fast, explicit) > 1000
+    assert fast != explicit  # the count sees which path ran
+
+
 def test_kernels_revision_ab_builds_from_a_revision_and_serves_the_model_from_a_build(tmp_path: Path) -> None:
     """`benchmarks/kernels_revision_ab.py`: a revision's kernel sources from git (one clear line for a revision
     without them), each operator call at the model's sizes, and the model's kernel calls served by a given build."""
