@@ -81,7 +81,7 @@ def main() -> None:
         f"{args.model}'s structure at widths 24/8, 32x32 images, batch 1, {args.dtype} inference, {threads} threads, "
         f"{cpu_name()}, torch {torch.__version__}; medians of {args.rounds} rounds of {args.calls} forwards"
     )
-    print("| contender | us a forward | tnt-vision / it (rounds) | Python calls a forward |")
+    print("| contender | us a forward | speed, tnt-vision / it: rounds' median (range) | Python calls a forward |")
     print("|---|---|---|---|")
     ours = times["tnt-vision"]
     for name, runs in times.items():

@@ -8,7 +8,6 @@ layer takes its plain PyTorch path, which computes the same function.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -17,7 +16,7 @@ import os
 import platform
 import warnings
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,7 +45,7 @@ log = logging.getLogger(__name__)
 def profiled(name: str) -> AbstractContextManager[Any]:
     """The profiler's label for a kernel's call (`record_function`), entered only while a profiler records: entering
     one costs about 7 us and a dozen Python calls, 60 times a TNT-S forward."""
-    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 def switched_on(switch: str) -> bool:

@@ -48,7 +48,6 @@ BF16 = torch.bfloat16
 
 
 @functools.cache
-@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (or is not one whose lack of it we know how to detect)."""
     capability = torch.backends.cpu.get_cpu_capability()
