@@ -78,13 +78,14 @@ if triton is not None:
             tl.store(_rows(normed_ptr, row, per_image, n_si, n_sr, cols), normed, mask=mask)
 
 
-def add_norm_applies(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether the kernel (`norm_for_linear`, `add_and_norm`, `add_normed`) takes x and the others (y, the norms'
-    parameters): 3-d with contiguous rows of at most MAX_WIDTH, on a GPU where Triton works (or on the CPU under
+def add_norm_applies(x: torch.Tensor, *others: torch.Tensor | None, norm: nn.LayerNorm | None = None) -> bool:
+    """Whether the kernel (`norm_for_linear`, `add_and_norm`, `add_normed`) takes x and the others (y), with `norm`'s
+    parameters: 3-d with contiguous rows of at most MAX_WIDTH, on a GPU where Triton works (or on the CPU under
     Triton's interpreter), where no gradient is recorded and no graph is captured."""
     if not inner_block_applies(x) or x.shape[-1] > MAX_WIDTH:  # the cheap test first: it says no on the CPU
         return False
-    tensors = [x, *(t for t in others if t is not None)]
+    parameters = () if norm is None else (norm.weight, norm.bias)
+    tensors = [x, *(t for t in (*others, *parameters) if t is not None)]
     if any(t.stride(-1) != 1 for t in tensors):
         return False
     return not grad_recorded(tensors) and not capturing_graph()

@@ -212,11 +212,13 @@ def tuned_config(precision: str, kernels: dict[str, Any] | None = None) -> tuple
 
 def inner_block_applies(x: torch.Tensor) -> bool:
     """A CUDA tensor where triton works, or a CPU tensor under Triton's interpreter (`TRITON_INTERPRET=1`)."""
+    if not (x.is_cuda or INTERPRETING):  # the cheap test first: asked of every norm and block, on the CPU too
+        return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dim() != 3:
         return False
     if x.is_cuda:
         return triton_available()
-    return x.device.type == "cpu" and triton is not None and INTERPRETING and switched_on(ENV_SWITCH)
+    return x.device.type == "cpu" and triton is not None and switched_on(ENV_SWITCH)
 
 
 def fused_block(block: Any, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:

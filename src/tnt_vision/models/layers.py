@@ -122,7 +122,7 @@ class LayerNorm(nn.LayerNorm):
         hooked = self._forward_hooks or self._forward_pre_hooks
         if hooked or not fused_attention_enabled() or len(self.normalized_shape) != 1:
             return False
-        return add_norm_applies(*tensors, self.weight, self.bias)
+        return add_norm_applies(*tensors, norm=self)  # its parameters read only where the device test says yes
 
     def writes_bf16(self, x: torch.Tensor) -> bool:
         """Whether the kernel writes `for_linear`'s output in bf16: bf16 autocast on a CPU with bf16 products, no
