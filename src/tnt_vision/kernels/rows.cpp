@@ -194,29 +194,6 @@ class ColumnSums {
   std::vector<float> sums_;
 };
 
-struct Normal {
-  Lanes cdf, pdf;  // Phi(x) and phi(x) of the standard normal distribution
-};
-
-// Phi and phi from one exponential: with z = |x| / sqrt(2) and t = 1 / (1 + p z), erfc(z) = t P(t) exp(-z^2) up
-// to 1.5e-7 (Abramowitz & Stegun 7.1.26), so Phi(-|x|) = erfc(z) / 2, and phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-// has the same exponential. Phi(x) for x < 0 comes from erfc directly, not as 1 + erf(x / sqrt 2), so the tail
-// is not lost to cancellation: ATen's fp32 GELU is 0 below x = -5.5, this one within 3% of it down to x = -12.
-// NaN stays NaN; exp(-x^2 / 2) is 0 beyond |x| = 13.2.
-inline Normal normal(Lanes x) {
-  const Lanes half_square = 0.5f * x * x;
-  const Lanes e = half_square < 87.0f ? exp_nonpositive(-half_square) : Lanes{};
-  const Lanes z = std::bit_cast<Lanes>(std::bit_cast<IntLanes>(x) & 0x7fffffff) * 0.70710678118654752f;
-  const Lanes t = 1.0f / (1.0f + 0.3275911f * z);
-  Lanes p = splat(1.061405429f);
-  p = p * t - 1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t - 0.284496736f;
-  p = p * t + 0.254829592f;
-  const Lanes tail = 0.5f * (p * t) * e;
-  return {x < 0.0f ? tail : 1.0f - tail, e * 0.39894228040143268f};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,
