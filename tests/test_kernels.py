@@ -7,6 +7,7 @@ Both are fast paths of the default eager model; the reference path (`fused_atten
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -23,13 +24,14 @@ import torch.nn.functional as F
 
 import add_norm_worker
 import triton_interpreter_worker
-from helpers import forward_backward
+from helpers import forward_backward, randomize_
 from tnt_vision import kernels
+from tnt_vision.bench import never
 from tnt_vision.kernels import add_norm, cpu_kernels, emulated_bf16, inner_block, triton_block, word_attention
 from tnt_vision.kernels import onednn as onednn_module
 from tnt_vision.models import create_model, tnt
 from tnt_vision.models import layers as tnt_layers
-from tnt_vision.models.layers import Attention, fused_attention
+from tnt_vision.models.layers import Attention, TransformerBlock, fused_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels could not be compiled here")
@@ -533,6 +535,7 @@ def attention_calls(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest
 
 @needs_kernels
 def test_model_uses_the_kernel_for_words_only_and_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tnt_layers, "word_block_applies", never)  # the whole-block kernel has its own tests below
     model = create_model("tnt_s_patch16_224", depth=2, img_size=144, num_classes=10).eval()
     x = torch.randn(1, 3, 144, 144)
     with torch.inference_mode():
@@ -560,6 +563,90 @@ def test_model_with_kernel_matches_reference_path(name: str) -> None:
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
     for g_fast, g_slow in zip(fast_grads, slow_grads, strict=True):
         assert (g_fast - g_slow).abs().max() <= 1e-5 * g_slow.abs().max().clamp_min(1e-12)
+
+
+def word_block_reference(block: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's explicit path in float64, on copies."""
+    twin = copy.deepcopy(block).double()
+    with fused_attention(False):
+        return twin(x.double())
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("words", "width", "heads", "qkv_bias"),
+    [(16, 24, 4, False), (16, 12, 2, False), (16, 40, 4, True), (9, 24, 4, False), (25, 24, 4, False), (1, 8, 2, True)],
+    ids=["tnt_s", "tnt_ti", "tnt_b+bias", "9_words", "25_words", "1_word"],
+)
+def test_word_block_kernel_computes_the_block(words: int, width: int, heads: int, qkv_bias: bool) -> None:
+    """The whole inner block in one pass (`kernels.word_block`) against a float64 recomputation of the explicit
+    path: TNT-Ti/S/B's widths and heads, a q/k/v bias, sentences of one vector of words or two (25 words with
+    16 lanes; AVX2's 8 lanes serve 16 at most) or a part of one."""
+    if words > 2 * cpu_kernels().lanes:
+        pytest.skip(f"{words} words are more than this build serves")
+    block = randomize_(TransformerBlock(width, heads, qkv_bias=qkv_bias), scale=0.3).eval()
+    x = torch.randn(37, words, width)  # a last thread's share part-filled
+    assert block.cpu_kernel_applies(x) is False  # grad mode is on
+    with torch.inference_mode():
+        assert block.cpu_kernel_applies(x)
+        fast = block(x)
+    reference = word_block_reference(block, x)
+    assert (fast.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        assert block.cpu_kernel_applies(x)  # the words' stream is fp32 under autocast: the same fp32 block
+        torch.testing.assert_close(block(x), fast, atol=0, rtol=0)
+
+
+@needs_kernels
+def test_model_runs_its_inner_blocks_by_the_block_kernel_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In inference each inner block takes the kernel (fp32 and bf16 autocast); never the sentences' 50 tokens of
+    384, nor in training, with gradients, on the reference path, with a hook on a part of the block or an SE
+    block, nor under fp16 autocast."""
+    taken: list[tuple[int, ...]] = []
+    original = tnt_layers.word_block
+
+    def spy(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        taken.append(tuple(x.shape[1:]))
+        return original(x, *args)
+
+    monkeypatch.setattr(tnt_layers, "word_block", spy)
+
+    def calls(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+        taken.clear()
+        model(x)
+        return list(taken)
+
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=112, num_classes=10).eval()
+    x = torch.randn(2, 3, 112, 112)
+    assert calls(model, x) == []  # gradients recorded for the parameters
+    with torch.inference_mode():
+        assert calls(model, x) == [(16, 24), (16, 24)]
+        with torch.autocast("cpu", torch.bfloat16):
+            assert calls(model, x) == [(16, 24), (16, 24)]
+        with torch.autocast("cpu", torch.float16):
+            assert calls(model, x) == []
+        with fused_attention(False):
+            assert calls(model, x) == []
+        handle = model.blocks[1].inner.mlp.fc1.register_forward_hook(lambda *_: None)
+        assert calls(model, x) == [(16, 24)]
+        handle.remove()
+        assert calls(model.train(), x) == []
+    hybrid = create_model("tnt_s_se_patch16_224", depth=2, img_size=32, num_classes=10, tnt_blocks=(1,)).eval()
+    with torch.inference_mode():
+        assert calls(hybrid, torch.randn(1, 3, 32, 32)) == [(16, 24)]  # the TNT block's; the SE block's 5 tokens no
+
+
+@needs_kernels
+def test_word_block_kernel_names_a_wrong_argument() -> None:
+    block = TransformerBlock(24, 4).eval()
+    weights, qkv_bias, heads, eps = inner_block.block_arguments(block)
+    x = torch.randn(3, 16, 24)
+    with pytest.raises(RuntimeError, match="word block: fc1 weight of shape"):
+        kernels.word_block(x, [*weights[:7], weights[7][:, :8].contiguous(), *weights[8:]], qkv_bias, heads, 0.4, eps)
+    with pytest.raises(RuntimeError, match="word block: expected contiguous fp32"):
+        kernels.word_block(x.double(), weights, qkv_bias, heads, 0.4, eps)
+    with pytest.raises(RuntimeError, match="word block: width 24 for 5 heads"):
+        kernels.word_block(x, weights, qkv_bias, 5, 0.4, eps)
 
 
 def test_failed_build_warns_once_and_the_plain_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,7 @@ import torch
 
 ENV_SWITCH = "TNT_VISION_CPU_KERNELS"
 _DIR = Path(__file__).parent
-SOURCES = ("cpu_kernels.cpp", "word_attention.cpp", "rows.cpp")  # and the headers they include
+SOURCES = ("cpu_kernels.cpp", "word_attention.cpp", "rows.cpp", "word_block.cpp")  # and the headers they include
 HEADERS = ("cpu_kernels.h", "lanes.h")
 # No -ffast-math: NaN and infinity keep their meaning; reassociation lets the compiler vectorise the reductions.
 # C++20 (std::bit_cast): torch's extensions build as C++20 from 2.14 on, as C++17 before; the later flag wins.
@@ -60,9 +60,15 @@ def _machine_key(flags: list[str], directory: Path = _DIR) -> str:
     if cpuinfo.exists():
         lines = cpuinfo.read_text(errors="replace").splitlines()
         cpu += "".join(line for line in lines if line.startswith(("model name", "flags", "Features")))[:4096]
-    sources = [(directory / name).read_bytes() for name in SOURCES + HEADERS]
+    sources = [(directory / name).read_bytes() for name in _present(SOURCES + HEADERS, directory)]
     material = [*sources, " ".join(flags).encode(), torch.__version__.encode(), cpu.encode()]
     return hashlib.sha256(b"\0".join(material)).hexdigest()[:12]
+
+
+def _present(names: tuple[str, ...], directory: Path) -> list[str]:
+    """The files of `names` in `directory`: all of them here; an earlier revision's sources (`build_cpu_kernels`'
+    directory) may predate some."""
+    return [name for name in names if (directory / name).exists()]
 
 
 @functools.cache
@@ -94,7 +100,7 @@ def build_cpu_kernels(*defines: str, directory: Path = _DIR) -> ModuleType:
     log.info("compiling tnt_vision's CPU kernels (once per machine, about a minute)")
     return cpp_extension.load(
         name=f"tnt_vision_cpu_{_machine_key(flags, directory)}",
-        sources=[str(directory / name) for name in SOURCES],
+        sources=[str(directory / name) for name in _present(SOURCES, directory)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -330,6 +336,38 @@ def word_attention_applies(qkv: torch.Tensor, tokens: int, head_dim: int) -> boo
 @torch.compiler.assume_constant_result  # torch.compile reads the answer once instead of tracing the build
 def kernels_available() -> bool:
     return cpu_kernels() is not None
+
+
+MAX_BLOCK_WIDTH = 128  # widest inner transformer `word_block` serves (TNT-S: 24, TNT-B: 40)
+
+
+def word_block_applies(x: torch.Tensor, heads: int) -> bool:
+    """Whether `word_block` can take these words: fp32 (sentences, words, width) on the CPU, at most two vectors of
+    words (32 with AVX-512, 16 with AVX2), where no gradient is recorded, in fp32 or under bf16 autocast (the words'
+    stream is fp32 there too), outside exports and graph capture."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3 or torch.is_grad_enabled():
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    _, words, width = x.shape
+    if width > MAX_BLOCK_WIDTH or width % heads or capturing_graph() or not kernels_available():
+        return False
+    return words <= 2 * cpu_kernels().lanes and x.is_contiguous()
+
+
+def word_block(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    qkv_bias: torch.Tensor | None,
+    heads: int,
+    scale: float,
+    eps: list[float],
+) -> torch.Tensor:
+    """TNT's inner transformer block (pre-norm attention and exact-GELU MLP with their residuals) over each
+    sentence's words in one pass, in inference: the compiled kernel of `word_block.cpp`, fp32 throughout.
+    `weights` as `kernels.inner_block.block_arguments` lists them."""
+    with profiled("tnt_vision::word_block"):
+        return _kernels().word_block_forward(x, weights, qkv_bias, heads, scale, eps)
 
 
 def capturing_graph() -> bool:

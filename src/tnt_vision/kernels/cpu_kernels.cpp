@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "word attention forward (CPU, fp32 or bf16)");
   module.def("word_attention_backward", &tnt_vision::word_attention_backward,
              "word attention backward (CPU, fp32 or bf16)");
+  module.def("word_block_forward", &tnt_vision::word_block_forward,
+             "TNT's inner transformer block over each sentence's words, in inference (CPU, fp32)");
   module.def("layer_norm", &tnt_vision::layer_norm,
              "LayerNorm over the last dimension (CPU, fp32; output fp32 or bf16)");
   module.def("add_rows", &tnt_vision::add_rows,

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace tnt_vision {
 
@@ -24,6 +25,11 @@ void with_element_type(const at::Tensor& x, F&& body) {
 at::Tensor word_attention_forward(const at::Tensor& qkv, int64_t heads, double scale);
 at::Tensor word_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, int64_t heads, double scale);
 
+// word_block.cpp: TNT's inner transformer block (pre-norm attention and exact-GELU MLP, with residuals) over
+// (P, m, C) fp32 words in inference; weights as `kernels.inner_block.block_arguments` lists them.
+at::Tensor word_block_forward(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                              const std::optional<at::Tensor>& qkv_bias, int64_t heads, double scale,
+                              const std::vector<double>& eps);
 // rows.cpp: LayerNorm over the last dimension, returning (output, mean, 1/std) as aten::native_layer_norm does;
 // the output in fp32 or, with bf16_output, rounded to bf16 (what a bf16 linear layer after it takes).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(const at::Tensor& x, const at::Tensor& weight,

@@ -23,6 +23,8 @@ from ..kernels import (
     residual_add_applies,
     word_attention,
     word_attention_applies,
+    word_block,
+    word_block_applies,
 )
 from ..kernels.add_norm import add_and_norm, add_norm_applies, norm_for_linear
 from ..kernels.emulated_bf16 import (
@@ -35,7 +37,7 @@ from ..kernels.emulated_bf16 import (
     fused_mlp,
     native_bf16_autocast,
 )
-from ..kernels.inner_block import fused_block, inner_block_applies, inner_block_fits
+from ..kernels.inner_block import block_arguments, fused_block, inner_block_applies, inner_block_fits
 from ..kernels.onednn import onednn_applies
 
 _FUSED_ATTENTION = True
@@ -344,7 +346,19 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_kernel_applies(x):
             return fused_block(self, x, self.branch_scales(x))
+        if self.cpu_kernel_applies(x):
+            weights, qkv_bias, heads, eps = block_arguments(self)
+            return word_block(x, weights, qkv_bias, heads, self.attn.scale, eps)
         return self.plain_forward(x)
+
+    def cpu_kernel_applies(self, x: torch.Tensor) -> bool:
+        """The compiled CPU block (`kernels.word_block`), one pass over each sentence's words: short sequences, e.g.
+        TNT's words, in CPU inference (fp32 weights; fp32, or bf16 autocast, whose words' stream is fp32 too)."""
+        if self.training or self.se is not None or not fused_attention_enabled():
+            return False
+        if not word_block_applies(x, self.attn.num_heads) or self.attn.qkv.weight.dtype != torch.float32:
+            return False
+        return self.mlp.fusable() and not parts_hooked(self)
 
     def fused_kernel_applies(self, x: torch.Tensor) -> bool:
         """The Triton block (kernels.inner_block), one launch forward and one backward: short sequences, e.g. TNT's
