@@ -858,6 +858,8 @@ def test_host_overhead_times_equivalent_narrow_models_and_counts_their_calls() -
     assert sizes["tnt-vision"] == sizes["timm TNT"] > sizes["timm DeiT-S"]
     ours = models["tnt-vision"]
     assert (ours.cfg.outer_dim, len(ours.blocks)) == (24, 12)
+    with torch.inference_mode():  # the sentences by the layers, as TNT-S's 197 tokens of 384
+        assert not any(block.outer.cpu_kernel_applies(torch.randn(1, 5, 24)) for block in ours.blocks)
     cfg = BenchConfig(model="tnt_s_patch16_224", batch=1, img_size=32)
     step = bench.inference_step(ours, cfg)
     x = torch.randn(1, 3, 32, 32)

@@ -392,6 +392,10 @@ def test_the_8_lane_build_computes_what_the_16_lane_build_does() -> None:
         same("gelu_backward_and_value", (torch.randn_like(rows), rows, True), tolerance)
         same("column_sums", (rows,), tolerance)
         same("softmax_rows", (rows * 3,), tolerance)
+    block = randomize_(TransformerBlock(24, 4, qkv_bias=True), scale=0.3)
+    weights, qkv_bias, heads, eps = inner_block.block_arguments(block)
+    for words in (16, 9, 5):  # two vectors of words with 8 lanes, one with 16; a part of one
+        same("word_block_forward", (torch.randn(11, words, 24), weights, qkv_bias, heads, 0.4, eps), fp32)
     for width in (7, 24, 40, 384):
         x, weight, bias = torch.randn(301, width), torch.randn(width), torch.randn(width)
         same("layer_norm", (x, weight, bias, 1e-5, False), fp32)
