@@ -641,12 +641,18 @@ def test_model_runs_its_inner_blocks_by_the_block_kernel_only_where_it_applies(m
 
 
 @needs_kernels
-def test_word_block_kernel_names_a_wrong_argument() -> None:
+def test_word_block_kernel_names_a_wrong_argument_and_takes_a_parameter_in_any_layout() -> None:
     block = TransformerBlock(24, 4).eval()
     weights, qkv_bias, heads, eps = inner_block.block_arguments(block)
     x = torch.randn(3, 16, 24)
     with pytest.raises(RuntimeError, match="word block: fc1 weight of shape"):
-        kernels.word_block(x, [*weights[:7], weights[7][:, :8].contiguous(), *weights[8:]], qkv_bias, heads, 0.4, eps)
+        kernels.word_block(x, [*weights[:7], weights[7][:, :8], *weights[8:]], qkv_bias, heads, 0.4, eps)
+    with pytest.raises(RuntimeError, match="word block: norm2 bias must be an fp32 CPU tensor"):
+        kernels.word_block(x, [*weights[:6], weights[6].double(), *weights[7:]], qkv_bias, heads, 0.4, eps)
+    strided = [*weights[:3], weights[3].t().contiguous().t(), *weights[4:]]  # a parameter in another layout
+    with torch.no_grad():
+        same = kernels.word_block(x, strided, qkv_bias, heads, 0.4, eps)
+        torch.testing.assert_close(same, kernels.word_block(x, weights, qkv_bias, heads, 0.4, eps), atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="word block: expected contiguous fp32"):
         kernels.word_block(x.double(), weights, qkv_bias, heads, 0.4, eps)
     with pytest.raises(RuntimeError, match="word block: width 24 for 5 heads"):

@@ -243,10 +243,12 @@ void forward(const Parameters& p, const float* src, float* dst, int64_t sentence
   });
 }
 
-void check_parameter(const at::Tensor& t, at::IntArrayRef shape, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "word block: ", what,
-              " must be a contiguous fp32 CPU tensor");
+// The parameter, contiguous, after checking its device, type and shape.
+at::Tensor checked(const at::Tensor& t, at::IntArrayRef shape, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "word block: ", what,
+              " must be an fp32 CPU tensor");
   TORCH_CHECK(t.sizes() == shape, "word block: ", what, " of shape ", t.sizes(), ", expected ", shape);
+  return t.contiguous();
 }
 
 }  // namespace
@@ -264,8 +266,10 @@ at::Tensor word_block_forward(const at::Tensor& x, const std::vector<at::Tensor>
                          "norm2 bias",   "fc1 weight", "fc1 bias",   "fc2 weight",  "fc2 bias"};
   const std::vector<std::vector<int64_t>> shapes = {{C}, {C}, {3 * C, C}, {C, C}, {C}, {C}, {C}, {hidden, C},
                                                     {hidden}, {C, hidden}, {C}};
-  for (size_t i = 0; i < weights.size(); ++i) check_parameter(weights[i], shapes[i], names[i]);
-  if (qkv_bias.has_value() && qkv_bias->defined()) check_parameter(*qkv_bias, {3 * C}, "qkv bias");
+  std::vector<at::Tensor> w;  // held until the kernel returns: contiguous copies where a parameter is not
+  for (size_t i = 0; i < weights.size(); ++i) w.push_back(checked(weights[i], shapes[i], names[i]));
+  std::optional<at::Tensor> bias;
+  if (qkv_bias.has_value() && qkv_bias->defined()) bias = checked(*qkv_bias, {3 * C}, "qkv bias");
   const Parameters p{m,
                      C,
                      hidden,
@@ -273,18 +277,18 @@ at::Tensor word_block_forward(const at::Tensor& x, const std::vector<at::Tensor>
                      static_cast<float>(eps[0]),
                      static_cast<float>(eps[1]),
                      static_cast<float>(scale),
-                     weights[0].data_ptr<float>(),
-                     weights[1].data_ptr<float>(),
-                     weights[5].data_ptr<float>(),
-                     weights[6].data_ptr<float>(),
-                     data_or_null(qkv_bias),
-                     weights[4].data_ptr<float>(),
-                     weights[8].data_ptr<float>(),
-                     weights[10].data_ptr<float>(),
-                     transposed(weights[2]),
-                     transposed(weights[3]),
-                     transposed(weights[7]),
-                     transposed(weights[9])};
+                     w[0].data_ptr<float>(),
+                     w[1].data_ptr<float>(),
+                     w[5].data_ptr<float>(),
+                     w[6].data_ptr<float>(),
+                     data_or_null(bias),
+                     w[4].data_ptr<float>(),
+                     w[8].data_ptr<float>(),
+                     w[10].data_ptr<float>(),
+                     transposed(w[2]),
+                     transposed(w[3]),
+                     transposed(w[7]),
+                     transposed(w[9])};
   auto out = at::empty_like(x);
   const int64_t sentences = x.size(0);
   if (m <= kLanes)
