@@ -9,13 +9,15 @@
 // channels, the GELU, the residuals, the softmax over keys) is elementwise across vectors, and every product is a
 // run of multiply-adds of a weight (a broadcast scalar) by a channel vector, with a block of outputs in registers.
 // Attention keeps the queries in lanes, as word_attention.cpp does. fp32 throughout (the words' residual stream is
-// fp32 under bf16 autocast too); sums in another order than ATen's, so results agree to about 1e-6.
+// fp32 under bf16 autocast too); sums in another order than ATen's, and the GELU's erfc and the softmax's exponential
+// by the polynomials of lanes.h, so results agree with the layers' to a few fp32 steps of the outputs' scale.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -106,6 +108,15 @@ inline Channel<NV> splat_channel(float value) {
   return c;
 }
 
+#if TNT_VISION_LANES == 16
+// Where word i's first value lies in a sentence's rows (i * C) and the mask of its m words: a channel's gather or
+// scatter (Sentence::load and store).
+inline std::pair<__m512i, __mmask16> word_rows(int64_t m, int64_t C) {
+  const __m512i words = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  return {_mm512_mullo_epi32(words, _mm512_set1_epi32(static_cast<int>(C))), static_cast<__mmask16>((1u << m) - 1)};
+}
+#endif
+
 // One thread's activations of one sentence, each channel over the words.
 template <int64_t NV>
 struct Sentence {
@@ -118,9 +129,7 @@ struct Sentence {
   void load(const float* src, int64_t m, int64_t C) {
 #if TNT_VISION_LANES == 16
     if constexpr (NV == 1) {
-      const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(static_cast<int>(C)));
-      const auto words = static_cast<__mmask16>((1u << m) - 1);
+      const auto [rows, words] = word_rows(m, C);
       for (int64_t c = 0; c < C; ++c)
         x[c].v[0] = std::bit_cast<Lanes>(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), words, rows, src + c, 4));
       return;
@@ -135,9 +144,7 @@ struct Sentence {
   void store(float* dst, int64_t m, int64_t C) const {
 #if TNT_VISION_LANES == 16
     if constexpr (NV == 1) {
-      const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(static_cast<int>(C)));
-      const auto words = static_cast<__mmask16>((1u << m) - 1);
+      const auto [rows, words] = word_rows(m, C);
       for (int64_t c = 0; c < C; ++c)
         _mm512_mask_i32scatter_ps(dst + c, words, rows, std::bit_cast<__m512>(x[c].v[0]), 4);
       return;
