@@ -637,7 +637,10 @@ def test_model_runs_its_inner_blocks_by_the_block_kernel_only_where_it_applies(m
         assert calls(model.train(), x) == []
     hybrid = create_model("tnt_s_se_patch16_224", depth=2, img_size=32, num_classes=10, tnt_blocks=(1,)).eval()
     with torch.inference_mode():
-        assert calls(hybrid, torch.randn(1, 3, 32, 32)) == [(16, 24)]  # the TNT block's; the SE block's 5 tokens no
+        assert calls(hybrid, torch.randn(1, 3, 32, 32)) == [(16, 24)]  # the TNT block's words only
+        words = torch.randn(3, 16, 24)
+        assert TransformerBlock(24, 4).eval().cpu_kernel_applies(words)
+        assert not TransformerBlock(24, 4, se_ratio=0.25).eval().cpu_kernel_applies(words)  # SE: the layers
 
 
 @needs_kernels
