@@ -34,11 +34,10 @@ from tnt_vision.bench import (
     medians_ms,
     model_ab_line,
     model_ab_times,
-    never,
     operator_medians_ms,
     set_threads,
 )
-from tnt_vision.models import create_model, layers
+from tnt_vision.models import create_model
 from tnt_vision.models.tnt import TNTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +47,8 @@ KERNELS = Path("src/tnt_vision/kernels")
 def revision_sources(revision: str, into: Path) -> Path:
     """The kernel sources of `revision` written into `into` (a file added after it left out: its sources do not
     use it); one clear line where git does not have the kernels there."""
-    first, *others = kernels.SOURCES + kernels.HEADERS
-    for name in (first, *others):
+    first = kernels.SOURCES[0]  # the module itself: a revision without it has no kernels
+    for name in kernels.SOURCES + kernels.HEADERS:
         shown = subprocess.run(
             ["git", "show", f"{revision}:{(KERNELS / name).as_posix()}"], cwd=ROOT, capture_output=True, check=False
         )
@@ -68,10 +67,7 @@ def answering(build: ModuleType) -> Iterator[None]:
     def served() -> ModuleType:
         return build
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(kernels, "cpu_kernels", served))
-        if not hasattr(build, "word_block_forward"):  # a revision before the inner block's kernel: the layers then
-            stack.enter_context(mock.patch.object(layers, "word_block_applies", never))
+    with mock.patch.object(kernels, "cpu_kernels", served):
         yield
 
 
