@@ -26,13 +26,12 @@ import torch
 from tnt_vision import kernels
 from tnt_vision.bench import (
     ab_parser,
-    cpu_name,
     medians_ms,
     mlp_layers,
     model_ab_line,
     model_ab_times,
     operator_medians_ms,
-    set_threads,
+    start_kernel_ab,
 )
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import create_model
@@ -100,10 +99,7 @@ def main() -> None:
     parser = ab_parser(__doc__, rounds=8)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     args = parser.parse_args()
-    threads = set_threads(args.threads)
-    if kernels.cpu_kernels() is None:
-        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
-    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
+    start_kernel_ab(args)
     operators(create_model(args.model).cfg, args)
     ms = medians_ms(model_ab_times(args, {"kernel sums": None, "ATen sums": aten_sums}, dtype=args.dtype))
     print(model_ab_line(args, ms, args.dtype))  # inference has no bias gradients: the two should be even

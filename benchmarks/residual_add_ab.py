@@ -24,7 +24,14 @@ from unittest import mock
 import torch
 
 from tnt_vision import kernels
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, never, operator_medians_ms, set_threads
+from tnt_vision.bench import (
+    ab_parser,
+    medians_ms,
+    model_ab_times,
+    never,
+    operator_medians_ms,
+    start_kernel_ab,
+)
 from tnt_vision.kernels import onednn
 from tnt_vision.models import layers, tnt
 
@@ -80,10 +87,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     args = parser.parse_args()
     args.train = False
-    threads = set_threads(args.threads)
-    if kernels.cpu_kernels() is None:
-        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
-    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
+    start_kernel_ab(args)
     operators(max(args.rounds, 20))
     variants = {"kernel": None, "aten": aten_adds, "aten, no epilogue": aten_adds_and_gelu}
     ms = medians_ms(model_ab_times(args, variants, dtype=args.dtype))

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from tnt_vision import kernels
-from tnt_vision.bench import ab_parser, cpu_name, medians_ms, model_ab_times, never, operator_medians_ms, set_threads
+from tnt_vision.bench import (
+    ab_parser,
+    medians_ms,
+    model_ab_times,
+    never,
+    operator_medians_ms,
+    start_kernel_ab,
+)
 from tnt_vision.kernels import emulated_bf16
 from tnt_vision.models import layers as tnt_layers
 
@@ -115,10 +122,7 @@ def model_steps(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = ab_parser(__doc__, rounds=5).parse_args()
-    threads = set_threads(args.threads)
-    if kernels.cpu_kernels() is None:
-        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
-    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
+    start_kernel_ab(args)
     operators(max(args.rounds, 20))
     model_steps(args)
 

@@ -16,18 +16,15 @@ ratio in each round (both timed in the same round), with the batch, dtype, threa
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from unittest import mock
 
 import torch
 
-from tnt_vision import kernels
 from tnt_vision.bench import (
     BenchConfig,
     ab_parser,
     autocast,
-    cpu_name,
     medians_ms,
     model_ab_line,
     model_ab_times,
@@ -35,16 +32,14 @@ from tnt_vision.bench import (
     operator_medians_ms,
     ratio_range,
     round_ratios,
-    set_threads,
+    start_kernel_ab,
 )
 from tnt_vision.models import create_model, layers
 
 
-@contextlib.contextmanager
-def layer_by_layer() -> Iterator[None]:
+def layer_by_layer() -> AbstractContextManager[object]:
     """The kernel stepped aside: the inner block by the model's other fast path."""
-    with mock.patch.object(layers, "word_block_applies", never):
-        yield
+    return mock.patch.object(layers, "word_block_applies", never)
 
 
 def block_ms(model_name: str, batch: int, dtype: str, rounds: int) -> dict[str, float]:
@@ -72,10 +67,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     args.train = False
-    threads = set_threads(args.threads)
-    if kernels.cpu_kernels() is None:
-        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
-    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
+    start_kernel_ab(args)
     ms = block_ms(args.model, args.batch, args.dtype, max(args.rounds, 20))
     print(
         f"one inner block, batch {args.batch}, {args.dtype}: kernel {ms['kernel']:.3f} ms, layer by layer "

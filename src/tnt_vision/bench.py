@@ -429,6 +429,17 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def start_kernel_ab(args: argparse.Namespace) -> None:
+    """The start of an A/B script of the compiled CPU kernels: --threads set, one clear line where the kernels
+    cannot be built here, and the header line (threads, CPU, torch)."""
+    from . import kernels
+
+    threads = set_threads(args.threads)
+    if kernels.cpu_kernels() is None:
+        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
+    print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians")
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
