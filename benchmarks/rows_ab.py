@@ -107,7 +107,7 @@ def gelu_ms(rows: int, width: int, rounds: int) -> dict[str, float]:
         lambda: kernels.gelu_backward_and_value(grad.clone(), hidden, sums=True),
         lambda: aten_gelu_backward_and_value(grad.clone(), hidden, sums=True),
         rounds,
-        atol=2e-6,
+        atol=1e-4,  # the bias sums over all rows, added in another order (up to 6e-5 apart, the facd361 kernels too)
     )
 
 
