@@ -604,6 +604,20 @@ def test_lean_path_steps_aside_where_it_would_change_behaviour() -> None:
     assert seen == [1, 2]
 
 
+def test_never_steps_aside_predicates_called_with_keywords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The A/B scripts put `bench.never` in place of fast paths' predicates, some called with keywords
+    (`add_norm_applies(x, norm=...)`, which every LayerNorm asks): the model runs with it, on the plain path."""
+    for module in (layers, tnt):
+        monkeypatch.setattr(module, "add_norm_applies", bench.never)
+    model = randomize_(create_model("tnt_s_patch16_224", **TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        stepped_aside = model(x)
+    monkeypatch.undo()
+    with torch.inference_mode():
+        torch.testing.assert_close(stepped_aside, model(x))
+
+
 @pytest.mark.skipif(
     not (onednn.available() and onednn._packing_available()), reason="this PyTorch cannot pack oneDNN weights"
 )

@@ -353,9 +353,10 @@ def within(step: Step, context: Callable[[], AbstractContextManager[Any]]) -> St
     return run
 
 
-def never(*args: object) -> bool:
+def never(*args: object, **kwargs: object) -> bool:
     """A test that always says no, for the A/B scripts to step a fast path aside: a plain function, not a `Mock`,
-    which would keep every tensor it is called with (its call list)."""
+    which would keep every tensor it is called with (its call list). It takes any arguments, keywords too (say,
+    `add_norm_applies(x, norm=...)`)."""
     return False
 
 
