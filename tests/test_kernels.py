@@ -796,6 +796,7 @@ def test_triton_inner_block_matches_plain_block_under_the_interpreter(tmp_path: 
         assert diffs[name] <= 1e-5, (name, diffs[name])
     assert diffs["compiled"] <= 1e-5
     assert diffs["kernel_calls"] == 14  # 3 models x 2 inner blocks x 2 passes, and compiled TNT-S's 2 blocks
+    assert diffs["eager_operator_calls"] == 0  # the registered operator only where autograd or a graph needs it
     for name in ("train_tnt_s_patch16_224", "train_tnt_b_patch16_224", "train_compiled", "train_checkpointed"):
         assert diffs[name] <= 1e-5, (name, diffs[name])  # a training step's gradients, eager and compiled
     assert diffs["backward_calls"] == 6  # TNT-S, compiled TNT-S and TNT-B: 2 inner blocks each
@@ -904,6 +905,28 @@ def test_branch_scales_are_drop_paths_mask_per_sentence() -> None:
     assert block.eval().branch_scales(torch.randn(3, 16, 24)) is None
     assert create_model("tnt_s_patch16_224", depth=1, img_size=32).blocks[0].inner.train().branch_scales(
         torch.randn(3, 16, 24)) is None  # fmt: skip
+
+
+def test_block_arguments_read_registered_and_computed_parameters() -> None:
+    """The kernels' arguments come from the modules' own dicts, or, for a parameter computed on access
+    (`torch.nn.utils.parametrize`), from the attribute: the kernel must see the weight the layer would use."""
+    block = triton_interpreter_worker.perturbed_block(24, 4, True)
+    weights, bias, heads, eps = inner_block.block_arguments(block)
+    attn, mlp = block.attn, block.mlp
+    expected = [block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.proj.weight, attn.proj.bias]
+    expected += [block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    assert all(a is b for a, b in zip(weights, expected, strict=True))
+    assert (bias, heads, eps) == (attn.qkv.bias, 4, [1e-5, 1e-5])
+    assert inner_block.block_arguments(TransformerBlock(24, 4))[1] is None  # no q/k/v bias
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(mlp.fc1, "weight", Doubled())
+    computed = inner_block.block_arguments(block)[0][7]
+    torch.testing.assert_close(computed, mlp.fc1.weight)
+    torch.testing.assert_close(computed, 2 * mlp.fc1.parametrizations.weight.original)
 
 
 def test_reference_backward_is_autograd_of_the_reference_block() -> None:

@@ -71,6 +71,8 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cpu:  # both fast paths are the CPU's: one test for the GPU's 62 layers a TNT-S forward
+            return super().forward(x)
         if fused_attention_enabled() and emulating_bf16(x):
             return fused_linear(x, self, BF16)
         if onednn_path(self, x):
@@ -244,7 +246,7 @@ class Mlp(nn.Module):
         lean, low = lean_path(self, x)
         if lean and self.fusable():
             return fused_mlp(x, self.fc1, self.fc2, low)
-        if self.fusable() and onednn_path(self, x):  # the cheap test first
+        if onednn_path(self, x) and self.fusable():  # no on the GPU and in training at its first test
             return self.drop(self.fc2(onednn.linear(x, self.fc1.weight, self.fc1.bias, gelu=True)))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
@@ -354,7 +356,7 @@ class TransformerBlock(nn.Module):
     def cpu_kernel_applies(self, x: torch.Tensor) -> bool:
         """The compiled CPU block (`kernels.word_block`), one pass over each sentence's words: short sequences, e.g.
         TNT's words, in CPU inference (fp32 weights; fp32, or bf16 autocast, whose words' stream is fp32 too)."""
-        if self.training or self.se is not None or not fused_attention_enabled():
+        if not x.is_cpu or self.training or self.se is not None or not fused_attention_enabled():
             return False
         if not word_block_applies(x, self.attn.num_heads) or self.attn.qkv.weight.dtype != torch.float32:
             return False
@@ -365,11 +367,11 @@ class TransformerBlock(nn.Module):
         words, on a GPU, in inference and training (drop-path included; dropout inside the block is not).
 
         Kept under torch.compile (an opaque operator in its graph), not in graphs that leave PyTorch."""
-        if not (fused_attention_enabled() and inner_block_applies(x)) or exporting_graph():  # the cheap tests first
+        if not (fused_attention_enabled() and inner_block_applies(x)):  # the cheap tests first
+            return False
+        if not inner_block_fits(x.shape[1], x.shape[2], self.attn.num_heads) or exporting_graph():  # outer blocks: no
             return False
         if self.se is not None or not self.mlp.fusable() or (self.training and self.attn.dropout_rate() > 0):
-            return False
-        if not inner_block_fits(x.shape[1], x.shape[2], self.attn.num_heads):  # before the scans below
             return False
         if torch.are_deterministic_algorithms_enabled() and _needs_grad(self, x):
             return False  # the backward sums weight gradients by atomic additions, in no fixed order
@@ -401,7 +403,7 @@ class TransformerBlock(nn.Module):
 
     def onednn_forward_applies(self, x: torch.Tensor) -> bool:
         """fp32 CPU inference (kernels.onednn) of a block whose dropouts are off, without SE and hooks."""
-        if self.training or self.se is not None:
+        if not x.is_cpu or self.training or self.se is not None:
             return False
         return self.mlp.fusable() and onednn_path(self, x)
 
