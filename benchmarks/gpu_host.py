@@ -48,15 +48,15 @@ def issue_seconds(step: Step, x: torch.Tensor, device: str) -> float:
 
 
 def host_operators(step: Step, x: torch.Tensor, device: str, top: int) -> list[str]:
-    """One call under torch.profiler: the GPU's busy time (its kernels' device time summed: a host that issues
-    the forward in about that time keeps the GPU waiting), then the `top` host-side entries by their own CPU
-    time: name, calls, ms."""
+    """One call under torch.profiler: the GPU's busy time (its kernels' device time summed, each kernel once: the
+    operators' entries count their kernels again; a forward taking longer waits on its host), then the `top`
+    host-side entries by their own CPU time: name, calls, ms."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         step(x)
         synchronize(device)
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e3
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
     by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
     lines = [f"GPU busy {busy:.2f} ms (kernels' device time summed)"]
     return lines + [f"{e.key}: {e.count} calls, {e.self_cpu_time_total / 1e3:.2f} ms" for e in by_host[:top]]
