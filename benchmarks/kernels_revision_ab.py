@@ -4,14 +4,14 @@
     PYTHONPATH=src python benchmarks/kernels_revision_ab.py --against 88673d0 --dtype bf16 --train --rounds 6
     PYTHONPATH=src python benchmarks/kernels_revision_ab.py --against HEAD~1 --model tnt_b_patch16_224 --batch 8
 
-For a change to the C++ kernels alone (word attention, the LayerNorm, the residual addition), where timing two
-checkouts one after the other on a shared machine compares the machine's load more than the code: the revision's
-kernel sources (`git show REV:src/tnt_vision/kernels/...`) are built beside this tree's (torch's extension
-builder, cached per source), and the two builds are alternated (`bench.interleaved_times`: warm-up, order rotated
-each round). First the operators alone at the model's sizes for --batch, fp32 and bf16, each result checked
-against the other build's (within 1e-5, or one bf16 step: a change may reorder a sum); then the whole model, one
-set of weights, with `kernels.cpu_kernels` answering with one build or the other. Medians with the batch, dtype,
-threads and machine.
+For a change to the C++ kernels alone (word attention, the whole inner block, the LayerNorm, the residual addition),
+where timing two checkouts one after the other on a shared machine compares the machine's load more than the code:
+the revision's kernel sources (`git show REV:src/tnt_vision/kernels/...`) are built beside this tree's (torch's
+extension builder, cached per source), and the two builds are alternated (`bench.interleaved_times`: warm-up, order
+rotated each round). First the operators alone at the model's sizes for --batch, fp32 and bf16, each result checked
+against the other build's (within 1e-5, or one bf16 step: a change may reorder a sum); then the whole model, one set
+of weights, with `kernels.cpu_kernels` answering with one build or the other. Medians with the batch, dtype, threads
+and machine.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from tnt_vision.bench import (
     operator_medians_ms,
     set_threads,
 )
+from tnt_vision.kernels.inner_block import block_arguments
 from tnt_vision.models import create_model
+from tnt_vision.models.layers import TransformerBlock
 from tnt_vision.models.tnt import TNTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +93,8 @@ def operator_calls(
     inputs made here, once, so that a timed call is the kernel alone): the words' attention and its backward, their
     LayerNorm, the outer stream's first residual addition with the second norm (the branch and the norm's output in
     `dtype`, into a fresh sum), the inner MLP's GELU backward with fc1's bias sums (the gradient copied into one
-    buffer first: the kernel writes over it), the outer attention's softmax and the column sums of a gradient."""
+    buffer first: the kernel writes over it), the outer attention's softmax and the column sums of a gradient; in
+    fp32, the whole inner block (`word_block`, inference)."""
     sentences = batch * cfg.grid_size[0] * cfg.grid_size[1]
     qkv = torch.randn(sentences, cfg.num_words, 3 * cfg.inner_dim).to(dtype)
     grad = torch.randn(sentences, cfg.num_words, cfg.inner_dim).to(dtype)
@@ -113,7 +116,17 @@ def operator_calls(
     def gelu_backward(build: ModuleType) -> tuple[torch.Tensor, ...]:
         return tuple(t.clone() for t in build.gelu_backward_and_value(written.copy_(hidden_grad), hidden, True))
 
+    block = TransformerBlock(cfg.inner_dim, heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
+    weights, qkv_bias, _, eps = block_arguments(block)
+    weights = [w.detach() for w in weights]
+    whole_block = {  # fp32 words in both settings (their stream is fp32 under bf16 autocast): timed once
+        f"inner block {tuple(words.shape)}": (
+            "word_block_forward",
+            lambda b: b.word_block_forward(words, weights, qkv_bias, heads, scale, eps),
+        )
+    }
     return {
+        **(whole_block if dtype == torch.float32 else {}),
         f"word attention {tuple(qkv.shape)}": (
             "word_attention_forward",
             lambda b: b.word_attention_forward(qkv, heads, scale),

@@ -9,8 +9,9 @@
 // channels, the GELU, the residuals, the softmax over keys) is elementwise across vectors, and every product is a
 // run of multiply-adds of a weight (a broadcast scalar) by a channel vector, with a block of outputs in registers.
 // Attention keeps the queries in lanes, as word_attention.cpp does. fp32 throughout (the words' residual stream is
-// fp32 under bf16 autocast too); sums in another order than ATen's, and the GELU's erfc and the softmax's exponential
-// by the polynomials of lanes.h, so results agree with the layers' to a few fp32 steps of the outputs' scale.
+// fp32 under bf16 autocast too); sums in another order than ATen's, the GELU's normal distribution by the rational
+// function of lanes.h and the softmax's exponential by its polynomial, so results agree with the layers' to a few
+// fp32 steps of the outputs' scale.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -225,7 +226,7 @@ struct Sentence {
     layer_norm(x.data(), normed.data(), C, p.norm2_w, p.norm2_b, p.eps2);
     product(p.fc1_t.data(), p.hidden, C, normed.data(), [&](int64_t j) { return splat_channel<NV>(p.fc1_b[j]); },
             [&](int64_t j, const Channel<NV>& y) {
-              for (int64_t v = 0; v < NV; ++v) hidden[j].v[v] = y.v[v] * normal(y.v[v]).cdf;  // the exact GELU
+              for (int64_t v = 0; v < NV; ++v) hidden[j].v[v] = y.v[v] * normal_cdf(y.v[v]);  // the exact GELU
             });
     product(p.fc2_t.data(), C, p.hidden, hidden.data(),
             [&](int64_t j) {
