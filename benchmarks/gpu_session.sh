@@ -4,7 +4,7 @@
 # while every GPU test runs (pytest-xdist), then the add-and-norm kernel (each fusion alone and in the model), the
 # backward's tiles at TNT-Ti/B's shapes each alone, the fused block's training step (speed and memory), the block
 # alone, the rest of the README's GPU table (TNT-Ti/B, TNT-S eager and compiled inference), where inference time
-# goes (operators by device time).
+# goes (operators by device time), the block at fp32 and TF32, and where the host's time goes (`gpu_host.py`).
 #
 #     OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400
 #     FROM=5 OUT=/tmp/gpu PYTHONPATH=src benchmarks/gpu_session.sh 400   # a second call: steps 5 onwards
@@ -75,5 +75,6 @@ step() {  # step LIMIT NEEDED COMMAND...: run COMMAND under LIMIT seconds if NEE
     step 100 40 $table --models tnt_ti_patch16_224 tnt_b_patch16_224 --settings bf16-infer --no-memory --out "$RES/tib_infer"
     step 90 40 python3 benchmarks/time_breakdown.py --device cuda --dtype bf16 --batch 256 --rounds 5 --ops 15
     step 150 50 python3 benchmarks/gpu_inner_block.py --batch 256 --dtypes fp32 tf32 --out "$RES/gpu_inner_block_fp32.json"
+    step 90 40 python3 benchmarks/gpu_host.py --batch 256 --dtype bf16 --rounds 10 --top 30
     echo "== done in $((SECONDS - START))s"
 } 2>&1 | tee "$OUT/log.txt"
