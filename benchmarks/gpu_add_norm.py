@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
@@ -29,22 +28,12 @@ import torch.nn.functional as F
 from gpu_inner_block import gpu_parser, gpu_report, median_ms
 from torch import nn
 
-from tnt_vision.bench import BenchConfig, build_module, interleaved_times, make_inputs, never
+from tnt_vision.bench import BenchConfig, build_module, interleaved_times, issue_seconds, make_inputs, never
 from tnt_vision.io import atomic_write
 from tnt_vision.kernels import add_norm
 from tnt_vision.models import create_model, get_spec
 from tnt_vision.models import layers as layers_module
 from tnt_vision.models import tnt as tnt_module
-
-
-def issue_seconds(step: Callable[[Any], object], x: Any) -> float:
-    """Host seconds to issue one call of `step`, the GPU not waited for (also `interleaved_times`' measure)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    step(x)
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed
 
 
 def issue_us(fn: Callable[[], object], calls: int = 200) -> float:

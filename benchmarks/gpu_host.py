@@ -19,7 +19,6 @@ import cProfile
 import io
 import pstats
 import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,21 +29,12 @@ from tnt_vision.bench import (
     build_module,
     inference_step,
     interleaved_times,
+    issue_seconds,
     make_inputs,
     synchronize,
 )
 
 CONTENDERS = ("timm:deit_small_patch16_224",)
-
-
-def issue_seconds(step: Step, x: torch.Tensor, device: str) -> float:
-    """Host seconds to issue one call of `step` (on a GPU, without waiting for its kernels)."""
-    synchronize(device)
-    start = time.perf_counter()
-    step(x)
-    elapsed = time.perf_counter() - start
-    synchronize(device)
-    return elapsed
 
 
 def host_operators(step: Step, x: torch.Tensor, device: str, top: int) -> list[str]:

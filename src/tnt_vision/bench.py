@@ -213,6 +213,17 @@ def time_call(step: Step, x: torch.Tensor, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def issue_seconds(step: Callable[[Any], object], x: Any, device: str = "cuda") -> float:
+    """Host seconds to issue one call of `step`, the GPU not waited for (on a CPU, the call's time): where it
+    reaches the call's GPU time, the GPU waits on Python."""
+    synchronize(device)
+    start = time.perf_counter()
+    step(x)
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed
+
+
 def make_inputs(cfg: BenchConfig, batch: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=gen).to(cfg.device) for _ in range(cfg.rotate)]

@@ -249,12 +249,11 @@ def fused_block(block: Any, x: torch.Tensor, scales: torch.Tensor | None = None)
     Where nothing needs the registered operator (no gradient recorded, no graph captured, a plain tensor) the
     checked forward is called directly: the operator's dispatch cost about as much host time as the rest of the
     call (12 of 24 us on a 2-core Xeon), and a GPU forward of TNT waits on its host."""
-    arguments = block_arguments(block)
+    arguments = (*block_arguments(block), products(x), scales)
     weights, qkv_bias = arguments[:2]
     recorded = grad_recorded((x, *weights)) or (qkv_bias is not None and grad_recorded((qkv_bias,)))
-    if recorded or type(x) is not torch.Tensor or torch.compiler.is_compiling():
-        return fused_inner_block(x, *arguments, products(x), scales)
-    return _checked_forward(x, *arguments, products(x), scales)
+    registered = recorded or type(x) is not torch.Tensor or torch.compiler.is_compiling()
+    return (fused_inner_block if registered else _checked_forward)(x, *arguments)
 
 
 def products(x: torch.Tensor) -> str:
