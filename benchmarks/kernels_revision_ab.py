@@ -118,7 +118,7 @@ def operator_calls(
 
     block = TransformerBlock(cfg.inner_dim, heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
     weights, qkv_bias, _, eps = block_arguments(block)
-    weights = [w.detach() for w in weights]
+    weights, qkv_bias = [w.detach() for w in weights], None if qkv_bias is None else qkv_bias.detach()
     whole_block = {  # fp32 words in both settings (their stream is fp32 under bf16 autocast): timed once
         f"inner block {tuple(words.shape)}": (
             "word_block_forward",
