@@ -9,7 +9,7 @@ not waited for) and the forward's ms (CUDA events). Then, for one more forward o
 GPU's busy time (its kernels' device time summed; a forward taking longer waits on the host) and the host-side
 entries by their own CPU time (operators and CUDA runtime calls, where a synchronising call such as
 `cudaStreamSynchronize` or a blocking copy would show); and cProfile's: the count of Python calls and the
-functions by their own and by their cumulative time.
+functions by their own time, by their cumulative time and by their calls.
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ def host_operators(step: Step, x: torch.Tensor, device: str, top: int) -> list[s
     return lines + [f"{e.key}: {e.count} calls, {e.self_cpu_time_total / 1e3:.2f} ms" for e in by_host[:top]]
 
 
-def python_functions(step: Step, x: torch.Tensor, device: str, top: int) -> tuple[int, str, str]:
-    """cProfile of one call: the number of Python calls, and the `top` functions by own and by cumulative time."""
+def python_functions(step: Step, x: torch.Tensor, device: str, top: int) -> tuple[int, str, str, str]:
+    """cProfile of one call: the number of Python calls, and the `top` functions by own time, by cumulative time
+    and by their number of calls (where the calls come from)."""
     profiler = cProfile.Profile()
     profiler.enable()
     step(x)
     profiler.disable()
     synchronize(device)
     listings = []
-    for order in ("tottime", "cumtime"):
+    for order in ("tottime", "cumtime", "ncalls"):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(order).print_stats(top)
         listings.append(text.getvalue().split("\n\n", 2)[-1].rstrip())
@@ -90,9 +91,10 @@ def main() -> None:
         print(f"{name}: host {host:.2f} ms to issue a forward, {forward:.2f} ms a forward (host / forward {ratio:.2f})")
     x = inputs[0]
     for name, step in steps.items():
-        calls, own, cumulative = python_functions(step, x, args.device, args.top)
+        calls, own, cumulative, counted = python_functions(step, x, args.device, args.top)
         report = [f"== {name}: host operators by own CPU time", *host_operators(step, x, args.device, args.top)]
         report += [f"== {name}: {calls} Python calls; by own time", own, f"== {name}: by cumulative time", cumulative]
+        report += [f"== {name}: by calls", counted]
         print(*report, sep="\n")
 
 

@@ -740,6 +740,26 @@ def test_ab_scripts_share_a_command_line_and_run_a_contender_within_its_context(
     assert entered == [True, True]  # a fresh context at every call
 
 
+def test_gpu_host_profiles_a_forward_on_the_cpu_too() -> None:
+    """`benchmarks/gpu_host.py`'s measures, on the CPU (its --device cpu): the issue time, the profiler's host
+    entries under the GPU's busy time (none here), and cProfile's count and listings of the Python calls."""
+    gpu_host = benchmark_module("gpu_host")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    x = torch.randn(4, 8)
+    assert bench.issue_seconds(model, x, "cpu") > 0
+    lines = gpu_host.host_operators(model, x, "cpu", top=3)
+    assert lines[0] == "GPU busy 0.00 ms (kernels' device time summed)"
+    assert len(lines) == 4
+    assert any(line.startswith("aten::") for line in lines[1:])
+    calls, *listings = gpu_host.python_functions(model, x, "cpu", top=5)
+    assert calls > 3
+    assert len(listings) == 3
+    for listing in listings:  # the header, then the top 5 functions: the modules' calls among them
+        assert listing.splitlines()[0].split()[:2] == ["ncalls", "tottime"]
+        assert len(listing.splitlines()) == 6
+        assert "_call_impl" in listing
+
+
 def test_ab_scripts_time_operators_and_the_whole_model_alternating() -> None:
     """`bench.operator_medians_ms` and `bench.model_ab_times`: every contender timed each round, the variant's
     context entered at each of its calls (`BenchConfig`'s two warm-up calls, then the rounds)."""
