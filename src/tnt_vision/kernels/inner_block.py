@@ -251,7 +251,7 @@ def fused_block(block: Any, x: torch.Tensor, scales: torch.Tensor | None = None)
     call (12 of 24 us on a 2-core Xeon), and a GPU forward of TNT waits on its host."""
     arguments = (*block_arguments(block), products(x), scales)
     weights, qkv_bias = arguments[:2]
-    recorded = grad_recorded((x, *weights)) or (qkv_bias is not None and grad_recorded((qkv_bias,)))
+    recorded = grad_recorded(t for t in (x, *weights, qkv_bias) if t is not None)
     registered = recorded or type(x) is not torch.Tensor or torch.compiler.is_compiling()
     return (fused_inner_block if registered else _checked_forward)(x, *arguments)
 
@@ -279,9 +279,7 @@ _CHECKED: dict[tuple[Any, ...], bool] = {}
 WHAT = "fused inner-block kernel"
 
 
-# Registered operators, so that torch.compile keeps the kernels in its graphs as opaque calls.
-@torch.library.custom_op("tnt_vision::inner_block", mutates_args=())
-def fused_inner_block(
+def _checked_forward(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     qkv_bias: torch.Tensor | None,
@@ -296,18 +294,6 @@ def fused_inner_block(
     on) is switched off for that configuration with one warning, and the reference's result is used: never a
     wrong one.
     """
-    return _checked_forward(x, weights, qkv_bias, heads, eps, precision, scales)
-
-
-def _checked_forward(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    qkv_bias: torch.Tensor | None,
-    heads: int,
-    eps: list[float],
-    precision: str,
-    scales: torch.Tensor | None,
-) -> torch.Tensor:
     return checked(
         _CHECKED,
         _key("forward", x, heads, precision, scales),
@@ -318,6 +304,11 @@ def _checked_forward(
         _tolerance(precision),
         WHAT,
     )
+
+
+# Registered operators, so that torch.compile keeps the kernels in its graphs as opaque calls; the forward's is
+# `_checked_forward` itself, which eager inference calls directly (`fused_block`).
+fused_inner_block = torch.library.custom_op("tnt_vision::inner_block", _checked_forward, mutates_args=())
 
 
 @fused_inner_block.register_fake
