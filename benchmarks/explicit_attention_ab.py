@@ -11,6 +11,12 @@ same with ATen's softmax, and the explicit path. First the outer attention alone
 model's size for --batch, the results checked against each other, with the bytes each keeps for backward (and its
 softmax alone, the kernel against ATen's), then the whole training step (forward, backward, AdamW), alternating
 (`bench.interleaved_times`: warm-up, order rotated each round). Medians with the batch, threads and machine.
+
+With --infer, bf16 inference instead, where a CPU without AMX tiles takes `explicit_attention_bf16` and one with
+them `scaled_dot_product_attention` (`layers.bf16_inference_without_amx`): the two (the machine's answer to
+`emulated_bf16.amx_tiles` stepped aside either way), the outer attention's forward alone, then the whole model.
+
+    PYTHONPATH=src python benchmarks/explicit_attention_ab.py --infer --rounds 8
 """
 
 from __future__ import annotations
@@ -63,6 +69,21 @@ def kept_weights() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def amx_says(answer: bool) -> Iterator[None]:
+    """`emulated_bf16.amx_tiles` answering `answer` (a plain function: see `bench.never`)."""
+
+    def amx_tiles() -> bool:
+        return answer
+
+    with mock.patch.object(emulated_bf16, "amx_tiles", amx_tiles):
+        yield
+
+
+INFERENCE_VARIANTS = {
+    "explicit products (no AMX)": functools.partial(amx_says, False),
+    "SDPA (AMX)": functools.partial(amx_says, True),
+}
 VARIANTS = {
     "ours": None,
     "keeping the weights": kept_weights,
@@ -80,27 +101,50 @@ def forward_backward(attn: Attention, qkv: torch.Tensor, grad: torch.Tensor) -> 
     return call
 
 
-def operator(model: str, batch: int, rounds: int) -> None:
+def outer_attention(model: str, batch: int) -> tuple[Attention, torch.Tensor]:
+    """The model's outer attention (its fresh weights) and a random bf16 q/k/v projection of `batch` images."""
     cfg = create_model(model).cfg
     tokens = 1 + cfg.grid_size[0] * cfg.grid_size[1]
-    attn = Attention(cfg.outer_dim, cfg.outer_heads).train()
-    qkv = torch.randn(batch, tokens, 3 * cfg.outer_dim).bfloat16().requires_grad_()
-    grad = torch.randn(batch, tokens, cfg.outer_dim).bfloat16()
+    return Attention(cfg.outer_dim, cfg.outer_heads), torch.randn(batch, tokens, 3 * cfg.outer_dim).bfloat16()
+
+
+def operator(model: str, batch: int, rounds: int) -> None:
+    attn, qkv = outer_attention(model, batch)
+    attn.train()
+    qkv.requires_grad_()
+    (batch, tokens, width), heads = qkv.shape, attn.num_heads
+    grad = torch.randn(batch, tokens, width // 3).bfloat16()
     call = forward_backward(attn, qkv, grad)
     calls = {name: call if context is None else in_context(call, context) for name, context in VARIANTS.items()}
     results = [call() for call in calls.values()]
     for other in results[1:]:
         torch.testing.assert_close(results[0], other, atol=1e-2 * other.abs().max().item(), rtol=2**-7)
     ms = operator_medians_ms(calls, rounds)
-    print(f"  outer attention {(batch, tokens, 3 * cfg.outer_dim)}, {cfg.outer_heads} heads, forward + backward:")
+    print(f"  outer attention {tuple(qkv.shape)}, {heads} heads, forward + backward:")
     print("    " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
     kept = {name: kept_mib(attn, qkv, context) for name, context in VARIANTS.items()}
     print("    kept for backward: " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in kept.items()))
-    scores = (torch.randn(batch, cfg.outer_heads, tokens, tokens) * 3).bfloat16()
+    scores = (torch.randn(batch, heads, tokens, tokens) * 3).bfloat16()
     softmaxes = {"kernel": lambda: kernels.softmax_rows(scores), "ATen": lambda: aten_softmax(scores)}
     torch.testing.assert_close(softmaxes["kernel"](), softmaxes["ATen"](), atol=1e-6, rtol=2**-7)
     ms = operator_medians_ms(softmaxes, rounds)
     print(f"  its softmax alone {tuple(scores.shape)}: kernel {ms['kernel']:.2f} ms, ATen {ms['ATen']:.2f} ms")
+
+
+def inference_operator(model: str, batch: int, rounds: int) -> None:
+    attn, qkv = outer_attention(model, batch)
+    attn.eval()
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            return attn.mix(qkv)
+
+    calls = {name: in_context(call, context) for name, context in INFERENCE_VARIANTS.items()}
+    explicit, sdpa = (call() for call in calls.values())
+    torch.testing.assert_close(explicit, sdpa, atol=1e-2 * sdpa.abs().max().item(), rtol=2**-7)
+    ms = operator_medians_ms(calls, rounds)
+    print(f"  outer attention {tuple(qkv.shape)}, {attn.num_heads} heads, forward (inference):")
+    print("    " + ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items()))
 
 
 def kept_mib(attn: Attention, qkv: torch.Tensor, context: Callable[[], AbstractContextManager] | None) -> float:
@@ -119,15 +163,18 @@ def in_context(call: Callable[[], torch.Tensor], context: Callable[[], AbstractC
 
 
 def main() -> None:
-    args = ab_parser(__doc__, rounds=8, train=False).parse_args()
-    args.train = True
+    parser = ab_parser(__doc__, rounds=8, train=False)
+    parser.add_argument("--infer", action="store_true", help="bf16 inference: explicit products against SDPA")
+    args = parser.parse_args()
+    args.train = not args.infer
     threads = set_threads(args.threads)
     if not emulated_bf16.bf16_hardware():
         raise SystemExit("needs a CPU with bf16 products (AVX512-BF16 or AMX), where the function is taken")
     print(f"{threads} threads, {cpu_name()}, torch {torch.__version__}; medians, bf16, batch {args.batch}:")
     with fused_attention(True):
-        operator(args.model, args.batch, max(args.rounds, 12))
-    print(model_ab_line(args, medians_ms(model_ab_times(args, VARIANTS, dtype="bf16")), "bf16"))
+        (operator if args.train else inference_operator)(args.model, args.batch, max(args.rounds, 12))
+    variants = VARIANTS if args.train else INFERENCE_VARIANTS
+    print(model_ab_line(args, medians_ms(model_ab_times(args, variants, dtype="bf16")), "bf16"))
 
 
 if __name__ == "__main__":

@@ -325,10 +325,11 @@ def test_explicit_bf16_attention_computes_the_explicit_paths_attention_and_gradi
     assert (grad_qkv.double() - exact_grad).abs().max() <= 3e-2 * exact_grad.abs().max()
 
     monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    monkeypatch.setattr(emulated_bf16, "amx_tiles", lambda: True)
     with torch.autocast("cpu", torch.bfloat16):
         assert attn.explicit_bf16_applies(qkv)
         assert not attn.explicit_bf16_applies(qkv.float())
-        assert not attn.explicit_bf16_applies(qkv.detach())  # no gradient recorded: inference
+        assert not attn.explicit_bf16_applies(qkv.detach())  # no gradient recorded: inference, with AMX SDPA's
         with fused_attention(False):
             assert not attn.explicit_bf16_applies(qkv)
         assert not Attention(64, 4, attn_drop=0.1).train().explicit_bf16_applies(qkv)
@@ -404,8 +405,8 @@ def test_bf16_training_on_a_cpu_with_bf16_products_attends_by_explicit_products(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """There `scaled_dot_product_attention`'s backward is slow: the sentences' attention takes explicit products
-    (`explicit_attention_bf16`; the words' the kernel), with SDPA's results; inference and CPUs without bf16
-    products keep SDPA."""
+    (`explicit_attention_bf16`; the words' the kernel), with SDPA's results; CPUs without bf16 products, and
+    inference on one with AMX, keep SDPA."""
     attention = randomized(Attention(64, 2)).train()
     x = torch.randn(3, 70, 64, requires_grad=True)  # more tokens than the word kernel takes
     calls: list[int] = []
@@ -423,9 +424,34 @@ def test_bf16_training_on_a_cpu_with_bf16_products_attends_by_explicit_products(
     assert_close_with_gradients(attention, (explicit, explicit_grads), (sdpa, sdpa_grads), TOLERANCE[torch.bfloat16])
     assert (explicit_input_grad - sdpa_input_grad).abs().max() <= 3e-2 * sdpa_input_grad.abs().max()
     monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    monkeypatch.setattr(emulated_bf16, "amx_tiles", lambda: True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         attention(x)
     assert calls == [1]
+
+
+def test_bf16_inference_without_amx_attends_by_explicit_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU that multiplies bf16 by AVX512-BF16 alone (no AMX tiles): bf16 inference's sentences' attention takes
+    `explicit_attention_bf16`, with SDPA's results (within bf16's rounding; both near the fp32 output); with AMX,
+    SDPA."""
+    attention = randomized(Attention(64, 2)).eval()
+    x = torch.randn(3, 70, 64)  # more tokens than the word kernel takes
+    calls: list[int] = []
+    original = layers.explicit_attention_bf16
+    monkeypatch.setattr(layers, "explicit_attention_bf16", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(emulated_bf16, "bf16_hardware", lambda: True)
+    monkeypatch.setattr(emulated_bf16, "native_bf16", lambda: True)  # autocast's own bf16 products either way
+    outputs = {}
+    ab = benchmark_module("explicit_attention_ab")  # its inference contenders: amx_tiles answering no, then yes
+    for amx in (False, True):
+        with ab.amx_says(amx), torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            outputs[amx] = attention(x).float()
+        assert calls == [1]  # without AMX only
+    torch.testing.assert_close(outputs[False], outputs[True], atol=2e-2 * outputs[True].abs().max().item(), rtol=0)
+    with torch.inference_mode():
+        reference = attention(x)
+    for out in outputs.values():
+        assert (out - reference).abs().max() <= TOLERANCE[torch.bfloat16] * reference.abs().max()
 
 
 def test_default_path_does_not_call_attention_map(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -70,11 +70,23 @@ def native_bf16_autocast(x: torch.Tensor) -> bool:
     return _bf16_autocast(x) and bf16_hardware()
 
 
+def native_bf16_without_amx(x: torch.Tensor) -> bool:
+    """`native_bf16_autocast` on a CPU that multiplies bf16 by AVX512-BF16 alone, without AMX tiles."""
+    return native_bf16_autocast(x) and not amx_tiles()
+
+
 @functools.cache
 def bf16_hardware() -> bool:
     """Whether this is an x86 CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+@functools.cache
+def amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), which oneDNN's bf16 kernels use; a CPU may
+    multiply bf16 by AVX512-BF16 alone (AMD Zen 4), where the fastest kernels are not always the same ones."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def _bf16_autocast(x: torch.Tensor) -> bool:
@@ -445,6 +457,7 @@ class _ExplicitAttention(torch.autograd.Function):
 
 def explicit_attention_bf16(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """Multi-head attention from a bf16 fused projection (B, N, 3C) by explicit products (`_ExplicitAttention`):
-    for bf16 training on a CPU with bf16 products, where `scaled_dot_product_attention`'s backward is slower."""
+    for bf16 training on a CPU with bf16 products, where `scaled_dot_product_attention`'s backward is slower, and
+    bf16 inference on one without AMX, where its forward is (`layers.bf16_inference_without_amx`)."""
     with torch.autocast("cpu", enabled=False):
         return _ExplicitAttention.apply(qkv, heads, scale)

@@ -36,6 +36,7 @@ from ..kernels.emulated_bf16 import (
     fused_linear,
     fused_mlp,
     native_bf16_autocast,
+    native_bf16_without_amx,
 )
 from ..kernels.inner_block import block_arguments, fused_block, inner_block_applies, inner_block_fits
 from ..kernels.onednn import onednn_applies
@@ -191,11 +192,13 @@ class Attention(nn.Module):
         return fused_attention_enabled() and not dropout and word_attention_applies(qkv, tokens, self.head_dim)
 
     def explicit_bf16_applies(self, qkv: torch.Tensor) -> bool:
-        """bf16 training on a CPU with bf16 products (`bf16_training_on_cpu`) takes `explicit_attention_bf16`: the
-        explicit path's products with fewer copies; not with attention dropout, nor while a graph is captured."""
+        """bf16 training on a CPU with bf16 products (`bf16_training_on_cpu`), and bf16 inference on one without
+        AMX (`bf16_inference_without_amx`), take `explicit_attention_bf16`: the explicit path's products with fewer
+        copies; not with attention dropout, nor while a graph is captured."""
         dropout = self.weights_dropout() > 0
         fits = qkv.dtype == BF16 and qkv.is_contiguous() and not dropout and fused_attention_enabled()
-        return fits and bf16_training_on_cpu(qkv) and not capturing_graph()
+        slower_sdpa = bf16_training_on_cpu(qkv) or bf16_inference_without_amx(qkv)
+        return fits and slower_sdpa and not capturing_graph()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.weights_dropout()
@@ -232,6 +235,15 @@ def bf16_training_on_cpu(q: torch.Tensor) -> bool:
     slower than explicit products: TNT-S's outer attention (batch 32, 6 heads, 197 tokens of 64), forward and
     backward, 66 ms against 27 (Intel Xeon with AMX, 2 threads; in fp32 the two are even)."""
     return grad_recorded((q,)) and native_bf16_autocast(q)
+
+
+def bf16_inference_without_amx(q: torch.Tensor) -> bool:
+    """Inference under bf16 autocast on a CPU that multiplies bf16 by AVX512-BF16 without AMX tiles (AMD Zen 4),
+    where `scaled_dot_product_attention`'s bf16 kernel is slower than `explicit_attention_bf16`: TNT-S's outer
+    attention at batch 32, 12.3 against 19.0 ms a block, the whole model's bf16 inference 1.09-1.10x (AMD EPYC, 2
+    threads; `benchmarks/explicit_attention_ab.py --infer`). With AMX, SDPA was the faster: 8.5 ms against 17.6 by
+    the model's explicit path (Intel Xeon)."""
+    return not grad_recorded((q,)) and native_bf16_without_amx(q)
 
 
 class Mlp(nn.Module):
