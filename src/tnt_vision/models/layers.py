@@ -240,9 +240,9 @@ def bf16_training_on_cpu(q: torch.Tensor) -> bool:
 def bf16_inference_without_amx(q: torch.Tensor) -> bool:
     """Inference under bf16 autocast on a CPU that multiplies bf16 by AVX512-BF16 without AMX tiles (AMD Zen 4),
     where `scaled_dot_product_attention`'s bf16 kernel is slower than `explicit_attention_bf16`: TNT-S's outer
-    attention at batch 32, 12.3 against 19.0 ms a block, the whole model's bf16 inference 1.09-1.10x (AMD EPYC, 2
-    threads; `benchmarks/explicit_attention_ab.py --infer`). With AMX, SDPA was the faster: 8.5 ms against 17.6 by
-    the model's explicit path (Intel Xeon)."""
+    attention at batch 32, 12.2-12.3 against 19.0-19.1 ms a block in two runs (16.3 against 23.0 in a third), the
+    whole model's bf16 inference 1.09-1.10x (AMD EPYC, 2 threads; `benchmarks/explicit_attention_ab.py --infer`).
+    With AMX, SDPA was the faster: 8.5 ms against 17.6 by the model's explicit path (Intel Xeon)."""
     return not grad_recorded((q,)) and native_bf16_without_amx(q)
 
 
