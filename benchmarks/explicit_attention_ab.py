@@ -32,6 +32,7 @@ import torch
 from tnt_vision import kernels
 from tnt_vision.bench import (
     ab_parser,
+    constant,
     cpu_name,
     medians_ms,
     model_ab_line,
@@ -69,15 +70,9 @@ def kept_weights() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def amx_says(answer: bool) -> Iterator[None]:
-    """`emulated_bf16.amx_tiles` answering `answer` (a plain function: see `bench.never`)."""
-
-    def amx_tiles() -> bool:
-        return answer
-
-    with mock.patch.object(emulated_bf16, "amx_tiles", amx_tiles):
-        yield
+def amx_says(answer: bool) -> AbstractContextManager[object]:
+    """`emulated_bf16.amx_tiles` answering `answer`."""
+    return mock.patch.object(emulated_bf16, "amx_tiles", constant(answer))
 
 
 INFERENCE_VARIANTS = {

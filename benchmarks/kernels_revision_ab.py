@@ -17,10 +17,10 @@ and machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
@@ -30,6 +30,7 @@ import torch
 from tnt_vision import kernels
 from tnt_vision.bench import (
     ab_parser,
+    constant,
     cpu_name,
     medians_ms,
     model_ab_line,
@@ -62,15 +63,9 @@ def revision_sources(revision: str, into: Path) -> Path:
     return into
 
 
-@contextlib.contextmanager
-def answering(build: ModuleType) -> Iterator[None]:
+def answering(build: ModuleType) -> AbstractContextManager[object]:
     """Every kernel call of the model served by `build`."""
-
-    def served() -> ModuleType:
-        return build
-
-    with mock.patch.object(kernels, "cpu_kernels", served):
-        yield
+    return mock.patch.object(kernels, "cpu_kernels", constant(build))
 
 
 def operators(builds: dict[str, ModuleType], args: argparse.Namespace) -> None:

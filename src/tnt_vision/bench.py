@@ -371,6 +371,16 @@ def never(*args: object, **kwargs: object) -> bool:
     return False
 
 
+def constant(value: object) -> Callable[..., object]:
+    """A plain function answering `value` to any arguments, for the A/B scripts to put in place of one under test
+    (`mock.patch.object(module, name, constant(...))`): not a `Mock`, for the reason `never` gives."""
+
+    def answer(*args: object, **kwargs: object) -> object:
+        return value
+
+    return answer
+
+
 def model_ab_times(
     args: argparse.Namespace,
     variants: dict[str, Callable[[], AbstractContextManager[Any]] | None],

@@ -197,8 +197,8 @@ class Attention(nn.Module):
         copies; not with attention dropout, nor while a graph is captured."""
         dropout = self.weights_dropout() > 0
         fits = qkv.dtype == BF16 and qkv.is_contiguous() and not dropout and fused_attention_enabled()
-        slower_sdpa = bf16_training_on_cpu(qkv) or bf16_inference_without_amx(qkv)
-        return fits and slower_sdpa and not capturing_graph()
+        slower_sdpa = fits and (bf16_training_on_cpu(qkv) or bf16_inference_without_amx(qkv))
+        return slower_sdpa and not capturing_graph()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.weights_dropout()
