@@ -6,10 +6,11 @@ Under bf16 autocast on a CPU with bf16 products, training computes the outer att
 (`scaled_dot_product_attention`'s backward is slower there). The model's explicit path copies q, k (transposed)
 and v before its products and the gradients twice after them; `explicit_attention_bf16` copies each once, takes the
 compiled softmax (`kernels.softmax_rows`), and recomputes the attention weights in backward rather than keep them
-(`emulated_bf16.RECOMPUTE_WEIGHTS`). Four contenders: `explicit_attention_bf16`, the same keeping the weights, the
-same with ATen's softmax, and the explicit path. First the outer attention alone (forward and backward) at the
-model's size for --batch, the results checked against each other, with the bytes each keeps for backward (and its
-softmax alone, the kernel against ATen's), then the whole training step (forward, backward, AdamW), alternating
+(`emulated_bf16.RECOMPUTE_WEIGHTS`). Five contenders: `explicit_attention_bf16`, the same keeping the weights, the
+same with ATen's softmax, the explicit path, and `scaled_dot_product_attention` (as where bf16 is not multiplied in
+hardware). First the outer attention alone (forward and backward) at the model's size for --batch, the results
+checked against each other, with the bytes each keeps for backward (and its softmax alone, the kernel against
+ATen's), then the whole training step (forward, backward, AdamW), alternating
 (`bench.interleaved_times`: warm-up, order rotated each round). Medians with the batch, threads and machine.
 
 With --infer, bf16 inference instead, where a CPU without AMX tiles takes `explicit_attention_bf16` and one with
@@ -44,8 +45,15 @@ from tnt_vision.bench import (
     within,
 )
 from tnt_vision.kernels import emulated_bf16
-from tnt_vision.models import create_model
+from tnt_vision.models import create_model, layers
 from tnt_vision.models.layers import Attention, fused_attention
+
+
+@contextlib.contextmanager
+def sdpa() -> Iterator[None]:
+    """Training's outer attention by `scaled_dot_product_attention`, as bf16 training without bf16 products."""
+    with mock.patch.object(layers, "bf16_training_on_cpu", never):
+        yield
 
 
 @contextlib.contextmanager
@@ -84,6 +92,7 @@ VARIANTS = {
     "keeping the weights": kept_weights,
     "ATen's softmax": atens_softmax,
     "explicit path": explicit_path,
+    "SDPA": sdpa,
 }
 
 

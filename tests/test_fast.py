@@ -333,9 +333,14 @@ def test_explicit_bf16_attention_computes_the_explicit_paths_attention_and_gradi
         with fused_attention(False):
             assert not attn.explicit_bf16_applies(qkv)
         assert not Attention(64, 4, attn_drop=0.1).train().explicit_bf16_applies(qkv)
-        ab = benchmark_module("explicit_attention_ab")  # its contenders: the explicit path, ATen's softmax
+        ab = benchmark_module("explicit_attention_ab")  # its contenders: the explicit path, SDPA, ATen's softmax
         with ab.explicit_path():
             assert not attn.explicit_bf16_applies(qkv)
+        with ab.sdpa():  # scaled_dot_product_attention, as where bf16 is not multiplied in hardware
+            assert not attn.explicit_bf16_applies(qkv)
+            assert not layers.bf16_training_on_cpu(qkv)
+            by_sdpa = attn.mix(qkv)
+        torch.testing.assert_close(by_sdpa, out, atol=1e-2 * out.abs().max().item(), rtol=2**-7)
         with ab.atens_softmax():
             with_atens = emulated_bf16.explicit_attention_bf16(qkv, 4, attn.scale)
         torch.testing.assert_close(with_atens, out, atol=1e-2 * out.abs().max().item(), rtol=2**-7)
