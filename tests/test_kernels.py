@@ -759,6 +759,59 @@ def test_torch_compile_keeps_the_kernel_in_its_graph_with_gradients() -> None:
     torch._dynamo.reset()
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_torch_compile_keeps_the_inference_kernels_in_one_graph(dtype: str) -> None:
+    """CPU inference under torch.compile: one graph, holding the inner block's kernel (`tnt_vision::word_block`)
+    and oneDNN's linear layers (`tnt_vision::onednn_linear`, where eager takes them), with eager's output through
+    AOTAutograd's fake tensors and through Inductor; the packed weights are made once, not on every call."""
+    model = create_model("tnt_s_patch16_224", depth=2, img_size=32, num_classes=10).eval()
+    randomize_(model)
+    x = torch.randn(3, 3, 32, 32)
+    targets: list[str] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16")
+    torch._dynamo.reset()
+    with torch.inference_mode(), autocast:
+        eager = model(x).float()
+        torch.compile(model, backend=recording, fullgraph=True)(x)
+        layers_by_onednn = onednn_module.available() and (dtype == "fp32" or emulated_bf16.bf16_hardware())
+        assert targets.count("tnt_vision.word_block.default") == 2, targets
+        # per block: q/k/v and projection of the outer attention, MLP's two layers: each inner block's are the
+        # kernel's; one for the stem's sentence projection, one per block for the words' projection, and the head
+        assert targets.count("tnt_vision.onednn_linear.default") == (2 * 4 + 1 + 2 + 1 if layers_by_onednn else 0)
+        torch._dynamo.reset()
+        through_fakes = torch.compile(model, backend="aot_eager", fullgraph=True)
+        packed_now = len(onednn_module._PACKED)
+        outputs = [through_fakes(x).float() for _ in range(2)]
+        assert len(onednn_module._PACKED) == packed_now  # the parameters themselves reach the operator
+        torch._dynamo.reset()
+        if dtype == "fp32":  # Inductor's generated code calling the operators (a minute's compilation; one dtype)
+            outputs.append(torch.compile(model, fullgraph=True)(x).float())
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2 * eager.abs().max().item()
+    for out in outputs:
+        torch.testing.assert_close(out, eager, atol=tolerance, rtol=0)
+    torch._dynamo.reset()
+
+
+def test_compiled_inference_operators_pass_torch_library_checks() -> None:
+    """The registered inference operators' schemas, fake tensors (shape, dtype) and dispatch, by `opcheck`."""
+    x, weight, bias, residual = torch.randn(2, 5, 16), torch.randn(24, 16), torch.randn(24), torch.randn(2, 5, 24)
+    if onednn_module.available():
+        for gelu, added in ((False, None), (True, None), (False, residual)):
+            torch.library.opcheck(onednn_module._compiled_linear, (x, weight, bias, gelu, added))
+        torch.library.opcheck(onednn_module._compiled_linear, (x.bfloat16(), weight, None, False, None))
+    if cpu_kernels() is not None:
+        block = TransformerBlock(24, 4).eval()
+        weights, qkv_bias, heads, eps = inner_block.block_arguments(block)
+        words, weights = torch.randn(7, 16, 24), [w.detach() for w in weights]  # inference: no autograd formula
+        torch.library.opcheck(kernels._word_block, (words, weights, qkv_bias, heads, block.attn.scale, eps))
+
+
 # ---- the fused Triton inner block (GPU inference) ------------------------------------------------------------
 
 needs_triton = pytest.mark.skipif(inner_block.triton is None, reason="triton is not installed")

@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +46,22 @@ def profiled(name: str) -> AbstractContextManager[Any]:
     """The profiler's label for a kernel's call (`record_function`), entered only while a profiler records: entering
     one costs about 7 us and a dozen Python calls, 60 times a TNT-S forward."""
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
+
+
+def asked_once(probe: Callable[[], Any]) -> Callable[[], Any]:
+    """`probe` (a fact of this machine or this PyTorch) run at its first call only, its answer kept (`cache_clear`
+    forgets it), and read by torch.compile as a constant where Dynamo meets it: a plain function marked so, where
+    Dynamo would trace through `functools.cache`'s wrapper (with a warning) into probes it cannot trace."""
+    answers: list[Any] = []
+
+    @functools.wraps(probe)
+    def ask() -> Any:
+        if not answers:
+            answers.append(probe())
+        return answers[0]
+
+    ask.cache_clear = answers.clear  # type: ignore[attr-defined]
+    return torch.compiler.assume_constant_result(ask)
 
 
 def switched_on(switch: str) -> bool:
@@ -344,15 +360,21 @@ MAX_BLOCK_WIDTH = 128  # widest inner transformer `word_block` serves (TNT-S: 24
 def word_block_applies(x: torch.Tensor, heads: int) -> bool:
     """Whether `word_block` can take these words: fp32 (sentences, words, width) on the CPU, at most two vectors of
     words (32 with AVX-512, 16 with AVX2), where no gradient is recorded, in fp32 or under bf16 autocast (the words'
-    stream is fp32 there too), outside exports and graph capture."""
+    stream is fp32 there too), outside exports; torch.compile keeps it as an operator in its graph."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3 or torch.is_grad_enabled():
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
     _, words, width = x.shape
-    if width > MAX_BLOCK_WIDTH or width % heads or capturing_graph() or not kernels_available():
+    if width > MAX_BLOCK_WIDTH or width % heads or exporting_graph() or not kernels_available():
         return False
-    return words <= 2 * cpu_kernels().lanes and x.is_contiguous()
+    return words <= 2 * kernel_lanes() and x.is_contiguous()
+
+
+@torch.compiler.assume_constant_result
+def kernel_lanes() -> int:
+    """The compiled kernels' vector width in fp32 values (16 with AVX-512, 8 with AVX2); where they are built."""
+    return _kernels().lanes
 
 
 def word_block(
@@ -366,8 +388,35 @@ def word_block(
     """TNT's inner transformer block (pre-norm attention and exact-GELU MLP with their residuals) over each
     sentence's words in one pass, in inference: the compiled kernel of `word_block.cpp`, fp32 throughout.
     `weights` as `kernels.inner_block.block_arguments` lists them."""
-    with profiled("tnt_vision::word_block"):
+    if torch.compiler.is_compiling():  # the registered operator: one opaque call in the graph
+        return _word_block(x, weights, qkv_bias, heads, scale, eps)
+    with profiled("tnt_vision::word_block"):  # eager: the kernel called directly, without the operator's dispatch
         return _kernels().word_block_forward(x, weights, qkv_bias, heads, scale, eps)
+
+
+# Inference only (`word_block_applies`: no gradient recorded), so no autograd formula is registered.
+@torch.library.custom_op("tnt_vision::word_block", mutates_args=(), device_types="cpu")
+def _word_block(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    qkv_bias: torch.Tensor | None,
+    heads: int,
+    scale: float,
+    eps: list[float],
+) -> torch.Tensor:
+    return _kernels().word_block_forward(x, weights, qkv_bias, heads, scale, eps)
+
+
+@_word_block.register_fake
+def _(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    qkv_bias: torch.Tensor | None,
+    heads: int,
+    scale: float,
+    eps: list[float],
+) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def capturing_graph() -> bool:

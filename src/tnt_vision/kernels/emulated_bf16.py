@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import (
     ENV_SWITCH,
+    asked_once,
     capturing_graph,
     gelu_backward_and_value,
     native_layer_norm,
@@ -47,7 +48,7 @@ from . import (
 BF16 = torch.bfloat16
 
 
-@functools.cache
+@asked_once
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (or is not one whose lack of it we know how to detect)."""
     capability = torch.backends.cpu.get_cpu_capability()
@@ -75,14 +76,14 @@ def native_bf16_without_amx(x: torch.Tensor) -> bool:
     return native_bf16_autocast(x) and not amx_tiles()
 
 
-@functools.cache
+@asked_once
 def bf16_hardware() -> bool:
     """Whether this is an x86 CPU that multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-@functools.cache
+@asked_once
 def amx_tiles() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), which oneDNN's bf16 kernels use; a CPU may
     multiply bf16 by AVX512-BF16 alone (AMD Zen 4), where the fastest kernels are not always the same ones."""
@@ -123,7 +124,7 @@ def _bf16_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-@functools.cache
+@asked_once
 def onednn_linear_available() -> bool:
     """Whether this PyTorch has oneDNN's linear layer (`torch.ops.mkldnn._linear_pointwise`; `onednn.available`)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

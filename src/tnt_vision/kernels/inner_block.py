@@ -16,13 +16,12 @@ Drop-path comes in as per-sentence branch scales; dropout inside the block is no
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import grad_recorded, switched_on
+from . import asked_once, grad_recorded, switched_on
 from .first_use import checked, take
 from .triton_block import (
     BACKWARD,
@@ -47,8 +46,7 @@ SLOTS = 64  # the backward's programs add their weight gradients into this many 
 __all__ = ["CONFIGS", "EXACT_CONFIGS", "PRECISIONS"]
 
 
-@torch.compiler.assume_constant_result  # torch.compile reads the answer once
-@functools.cache
+@asked_once
 def triton_available() -> bool:
     return triton is not None and torch.cuda.is_available() and switched_on(ENV_SWITCH)
 

@@ -9,7 +9,8 @@ results up to the order of the GEMM's additions. Under bf16 autocast the input, 
 as autocast casts them and the output is bf16, autocast's result (there the bias copy and the GELU's fresh output
 cost more than the product: TNT-S's outer fc1 and GELU at batch 32, 31 ms against 11); the residual stream stays
 fp32, so the residual additions are `kernels.residual_add`'s there. Inference only (these operators have no
-autograd formula), CPU; off while a graph is captured and with `TNT_VISION_CPU_KERNELS=0`.
+autograd formula), CPU; off in exported graphs and with `TNT_VISION_CPU_KERNELS=0`; torch.compile keeps each layer
+in its graph as one registered operator (`tnt_vision::onednn_linear`).
 
 Each weight is reordered once (per dtype) into oneDNN's blocked layout (as torch.compile's freezing does) instead
 of on every call; the copy is kept beside the parameter, remade when the parameter changes (version counter, storage
@@ -18,14 +19,13 @@ or shape), and dropped by `release` (the model does so when it is put in trainin
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from . import ENV_SWITCH, capturing_graph, residual_add, residual_add_applies, switched_on
+from . import ENV_SWITCH, asked_once, exporting_graph, residual_add, residual_add_applies, switched_on
 from .emulated_bf16 import BF16, native_bf16_autocast
 from .emulated_bf16 import onednn_linear_available as available
 
@@ -40,15 +40,15 @@ from .emulated_bf16 import onednn_linear_available as available
 GELU_EPILOGUE: bool | None = None
 
 
-@functools.cache
+@asked_once
 def _packing_available() -> bool:
     return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
     """CPU inference (no gradient recorded) in fp32 without autocast, or under bf16 autocast on a CPU with bf16
-    products; outside graph capture, where oneDNN is built in."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or capturing_graph():
+    products; not in exported graphs, where oneDNN is built in. torch.compile keeps the layers as operators."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or exporting_graph():
         return False
     fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     if not (fp32 or native_bf16_autocast(x)):
@@ -115,7 +115,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     Under autocast (bf16, where `onednn_applies`) the operands are cast to bf16 first, as autocast casts them.
     """
     if torch.is_autocast_enabled("cpu"):
-        x, bias = x.to(BF16), None if bias is None else cast(bias, BF16)
+        x = x.to(BF16)
+    if torch.compiler.is_compiling():
+        return _compiled_linear(x, weight, bias, gelu, None)
+    return _linear(x, weight, bias, gelu)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """`linear` of an x in the product's dtype (weight and bias cast to it)."""
+    bias = None if bias is None else cast(bias, x.dtype)
     weight = packed(weight, _rows(x), x.dtype)
     if gelu and gelu_epilogue(x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
@@ -130,7 +138,7 @@ def gelu_epilogue(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and _avx512()
 
 
-@functools.cache
+@asked_once
 def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
@@ -148,4 +156,29 @@ def linear_add(
         return residual + branch
     if not residual.is_contiguous():
         return residual + linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _compiled_linear(x, weight, bias, False, residual)
+    return _linear_add(x, weight, bias, residual)
+
+
+def _linear_add(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed(weight, _rows(x)), bias, "add")
+
+
+# Under torch.compile the layers are one registered operator (inference only: no autograd formula), so that the
+# graph keeps oneDNN's calls with the weights packed once, where Inductor would multiply by the unpacked weights
+# (and, under bf16 autocast, cast them on every call). Eager calls skip the operator's dispatch.
+@torch.library.custom_op("tnt_vision::onednn_linear", mutates_args=(), device_types="cpu")
+def _compiled_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, residual: torch.Tensor | None
+) -> torch.Tensor:
+    return _linear(x, weight, bias, gelu) if residual is None else _linear_add(x, weight, bias, residual)
+
+
+@_compiled_linear.register_fake
+def _(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, residual: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
