@@ -759,6 +759,31 @@ def test_torch_compile_keeps_the_kernel_in_its_graph_with_gradients() -> None:
     torch._dynamo.reset()
 
 
+def test_asked_once_probes_once_and_is_a_constant_to_torch_compile() -> None:
+    """`kernels.asked_once`: the probe runs at the first call only (again after `cache_clear`), and Dynamo takes its
+    answer as a constant rather than tracing into it (here a probe it cannot trace: a graph break with fullgraph)."""
+    calls: list[str] = []
+
+    def probe() -> str:
+        calls.append("asked")
+        return torch.backends.cpu.get_cpu_capability()  # returns a str: Dynamo cannot put it in a graph
+
+    capability = kernels.asked_once(probe)
+    assert capability() == capability() == torch.backends.cpu.get_cpu_capability()
+    assert calls == ["asked"]
+    capability.cache_clear()
+    capability()
+    assert calls == ["asked", "asked"]
+
+    torch._dynamo.reset()
+    x = torch.ones(3)
+    compiled = torch.compile(lambda t: t * len(capability()), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), x * len(torch.backends.cpu.get_cpu_capability()))
+    with pytest.raises(torch._dynamo.exc.Unsupported):  # the same probe without the mark
+        torch.compile(lambda t: t * len(probe()), backend="eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_torch_compile_keeps_the_inference_kernels_in_one_graph(dtype: str) -> None:

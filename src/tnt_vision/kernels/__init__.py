@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,6 +40,7 @@ _CFLAGS = [
     "-fno-signed-zeros",
 ]
 log = logging.getLogger(__name__)
+Answer = TypeVar("Answer")
 
 
 def profiled(name: str) -> AbstractContextManager[Any]:
@@ -48,14 +49,14 @@ def profiled(name: str) -> AbstractContextManager[Any]:
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
-def asked_once(probe: Callable[[], Any]) -> Callable[[], Any]:
+def asked_once(probe: Callable[[], Answer]) -> Callable[[], Answer]:
     """`probe` (a fact of this machine or this PyTorch) run at its first call only, its answer kept (`cache_clear`
     forgets it), and read by torch.compile as a constant where Dynamo meets it: a plain function marked so, where
     Dynamo would trace through `functools.cache`'s wrapper (with a warning) into probes it cannot trace."""
-    answers: list[Any] = []
+    answers: list[Answer] = []
 
     @functools.wraps(probe)
-    def ask() -> Any:
+    def ask() -> Answer:
         if not answers:
             answers.append(probe())
         return answers[0]

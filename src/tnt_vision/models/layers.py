@@ -223,10 +223,9 @@ class Attention(nn.Module):
 def explicit_products_faster(q: torch.Tensor) -> bool:
     """Where the explicit path's products beat `scaled_dot_product_attention`: short sequences on a GPU, and bf16 on
     a CPU in training or (without AMX) in inference. In eager CPU bf16 `explicit_attention_bf16` takes the attention
-    before this path (`Attention.explicit_bf16_applies`); under torch.compile this path is the one traced. Compiled
-    TNT-S bf16 inference on the AMD machine (batch 32, 2 threads, medians of 5 against eager in one process): with
-    SDPA 1165 ms against eager's 1134 and 1176 against 1201, with explicit products 1078 against 1166, 1122 against
-    1189 and 1125 against 1170."""
+    before this path (`Attention.explicit_bf16_applies`); under torch.compile this path is the one traced: compiled
+    TNT-S's bf16 inference on the AMD machine ran at 0.97-1.02x eager's speed with SDPA traced and 1.04-1.08x with
+    these products (throwaway timings, batch 32, 2 threads; `benchmarks/README.md`, `benchmarks/compiled_ab.py`)."""
     return short_on_gpu(q) or bf16_training_on_cpu(q) or bf16_inference_without_amx(q)
 
 
