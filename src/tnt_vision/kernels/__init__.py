@@ -372,7 +372,7 @@ def word_block_applies(x: torch.Tensor, heads: int) -> bool:
     return words <= 2 * kernel_lanes() and x.is_contiguous()
 
 
-@torch.compiler.assume_constant_result
+@asked_once
 def kernel_lanes() -> int:
     """The compiled kernels' vector width in fp32 values (16 with AVX-512, 8 with AVX2); where they are built."""
     return _kernels().lanes

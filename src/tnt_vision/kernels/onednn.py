@@ -19,13 +19,14 @@ or shape), and dropped by `release` (the model does so when it is put in trainin
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from . import ENV_SWITCH, asked_once, exporting_graph, residual_add, residual_add_applies, switched_on
+from . import ENV_SWITCH, exporting_graph, residual_add, residual_add_applies, switched_on
 from .emulated_bf16 import BF16, native_bf16_autocast
 from .emulated_bf16 import onednn_linear_available as available
 
@@ -40,7 +41,7 @@ from .emulated_bf16 import onednn_linear_available as available
 GELU_EPILOGUE: bool | None = None
 
 
-@asked_once
+@functools.cache  # asked in eager calls and inside the operator at run time, never where Dynamo traces
 def _packing_available() -> bool:
     return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -118,12 +119,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
         x = x.to(BF16)
     if torch.compiler.is_compiling():
         return _compiled_linear(x, weight, bias, gelu, None)
-    return _linear(x, weight, bias, gelu)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    """`linear` of an x in the product's dtype (weight and bias cast to it)."""
-    bias = None if bias is None else cast(bias, x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = cast(bias, x.dtype)
     weight = packed(weight, _rows(x), x.dtype)
     if gelu and gelu_epilogue(x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
@@ -138,7 +135,7 @@ def gelu_epilogue(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and _avx512()
 
 
-@asked_once
+@functools.cache  # as `_packing_available`
 def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
@@ -158,23 +155,18 @@ def linear_add(
         return residual + linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return _compiled_linear(x, weight, bias, False, residual)
-    return _linear_add(x, weight, bias, residual)
-
-
-def _linear_add(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
-) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed(weight, _rows(x)), bias, "add")
 
 
 # Under torch.compile the layers are one registered operator (inference only: no autograd formula), so that the
 # graph keeps oneDNN's calls with the weights packed once, where Inductor would multiply by the unpacked weights
-# (and, under bf16 autocast, cast them on every call). Eager calls skip the operator's dispatch.
+# (and, under bf16 autocast, cast them on every call). Eager calls skip the operator's dispatch; the operator runs
+# the eager functions (x already in the product's dtype; fp32 for a residual).
 @torch.library.custom_op("tnt_vision::onednn_linear", mutates_args=(), device_types="cpu")
 def _compiled_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, residual: torch.Tensor | None
 ) -> torch.Tensor:
-    return _linear(x, weight, bias, gelu) if residual is None else _linear_add(x, weight, bias, residual)
+    return linear(x, weight, bias, gelu) if residual is None else linear_add(x, weight, bias, residual)
 
 
 @_compiled_linear.register_fake

@@ -226,7 +226,9 @@ def explicit_products_faster(q: torch.Tensor) -> bool:
     before this path (`Attention.explicit_bf16_applies`); under torch.compile this path is the one traced: compiled
     TNT-S's bf16 inference on the AMD machine ran at 0.97-1.02x eager's speed with SDPA traced and 1.04-1.08x with
     these products (throwaway timings, batch 32, 2 threads; `benchmarks/README.md`, `benchmarks/compiled_ab.py`)."""
-    return short_on_gpu(q) or bf16_training_on_cpu(q) or bf16_inference_without_amx(q)
+    if short_on_gpu(q):
+        return True  # the bf16 cases share their first test (asked of every attention, in fp32 too)
+    return native_bf16_autocast(q) and (bf16_training_on_cpu(q) or bf16_inference_without_amx(q))
 
 
 def short_on_gpu(q: torch.Tensor) -> bool:
