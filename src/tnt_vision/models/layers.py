@@ -197,8 +197,7 @@ class Attention(nn.Module):
         copies; not with attention dropout, nor while a graph is captured."""
         dropout = self.weights_dropout() > 0
         fits = qkv.dtype == BF16 and qkv.is_contiguous() and not dropout and fused_attention_enabled()
-        slower_sdpa = fits and (bf16_training_on_cpu(qkv) or bf16_inference_without_amx(qkv))
-        return slower_sdpa and not capturing_graph()
+        return fits and bf16_explicit_on_cpu(qkv) and not capturing_graph()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.weights_dropout()
@@ -226,8 +225,12 @@ def explicit_products_faster(q: torch.Tensor) -> bool:
     before this path (`Attention.explicit_bf16_applies`); under torch.compile this path is the one traced: compiled
     TNT-S's bf16 inference on the AMD machine ran at 0.97-1.02x eager's speed with SDPA traced and 1.04-1.08x with
     these products (throwaway timings, batch 32, 2 threads; `benchmarks/README.md`, `benchmarks/compiled_ab.py`)."""
-    if short_on_gpu(q):
-        return True  # the bf16 cases share their first test (asked of every attention, in fp32 too)
+    return short_on_gpu(q) or bf16_explicit_on_cpu(q)
+
+
+def bf16_explicit_on_cpu(q: torch.Tensor) -> bool:
+    """bf16 autocast on a CPU where explicit products beat SDPA: in training (`bf16_training_on_cpu`), and in
+    inference without AMX (`bf16_inference_without_amx`); the autocast test first, asked of every attention."""
     return native_bf16_autocast(q) and (bf16_training_on_cpu(q) or bf16_inference_without_amx(q))
 
 
