@@ -166,6 +166,75 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
 _word_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _kernel(name: str, operator: Callable[..., Any], *arguments: Any) -> Any:
+    """The compiled kernel `name` on `arguments`: called directly in eager (no operator dispatch on the host path),
+    and under torch.compile through its registered `operator`, one opaque call in the graph (the lean training
+    functions of `emulated_bf16` are traced with their kernels)."""
+    if torch.compiler.is_compiling():
+        return operator(*arguments)
+    with profiled(f"tnt_vision::{name}"):
+        return getattr(_kernels(), name)(*arguments)
+
+
+@torch.library.custom_op("tnt_vision::layer_norm", mutates_args=(), device_types="cpu")
+def _layer_norm_operator(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, bf16_output: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().layer_norm(x, weight, bias, eps, bf16_output)
+
+
+@_layer_norm_operator.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, bf16_output: bool) -> tuple[Any, ...]:
+    statistics = x.new_empty((*x.shape[:-1], 1))
+    return torch.empty_like(x, dtype=torch.bfloat16 if bf16_output else x.dtype), statistics, statistics.clone()
+
+
+@torch.library.custom_op("tnt_vision::layer_norm_backward", mutates_args=(), device_types="cpu")
+def _layer_norm_backward_operator(
+    grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().layer_norm_backward(grad, x, mean, rstd, weight)
+
+
+@_layer_norm_backward_operator.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> tuple:
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# The gradient is written over `grad`; without `sums` the second output is empty (an operator returns no None).
+@torch.library.custom_op("tnt_vision::gelu_backward_and_value", mutates_args=("grad",), device_types="cpu")
+def _gelu_backward_and_value_operator(
+    grad: torch.Tensor, x: torch.Tensor, sums: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    value, column_sums = _kernels().gelu_backward_and_value(grad, x, sums)
+    return value, x.new_empty(0, dtype=torch.float32) if column_sums is None else column_sums
+
+
+@_gelu_backward_and_value_operator.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), x.new_empty(x.shape[-1] if sums else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("tnt_vision::softmax_rows", mutates_args=(), device_types="cpu")
+def _softmax_rows_operator(x: torch.Tensor) -> torch.Tensor:
+    return _kernels().softmax_rows(x)
+
+
+@torch.library.custom_op("tnt_vision::column_sums", mutates_args=(), device_types="cpu")
+def _column_sums_operator(x: torch.Tensor) -> torch.Tensor:
+    return _kernels().column_sums(x)
+
+
+@_softmax_rows_operator.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@_column_sums_operator.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[-1], dtype=torch.float32)
+
+
 # LayerNorm rows at most this wide take the compiled forward kernel with an fp32 output; over wide rows ATen's is as
 # fast. On the AVX2 development machine (calls from Python, 2 threads, medians), forward over 25088 rows of 24
 # channels 0.55 against 0.87 ms, 50176 rows of 12 1.38 against 2.19, 15680 of 40 0.45 against 0.60; backward 0.54
@@ -197,8 +266,8 @@ def narrow_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The compiled LayerNorm over x's last dimension (output, mean, 1/std); call where it applies. With
     `bf16_output` the output is rounded to bf16 as it is written (what a bf16 linear layer after it takes)."""
-    with profiled("tnt_vision::layer_norm"):
-        return _kernels().layer_norm(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, bf16_output)
+    arguments = x.contiguous(), weight.contiguous(), bias.contiguous(), eps, bf16_output
+    return _kernel("layer_norm", _layer_norm_operator, *arguments)
 
 
 def native_layer_norm_backward(
@@ -215,10 +284,10 @@ def native_layer_norm_backward(
     compiled kernel for fp32 x at any row width, with an fp32 or bf16 gradient (a bf16 linear layer's, read as it
     is: no widened copy), where the forward kernel would apply and mean and 1/std are fp32 CPU tensors too."""
     fits = grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.bfloat16)
-    fits = fits and all(cpu_fp32(t) for t in (mean, rstd)) and not grad_recorded((grad, mean, rstd))
+    fits = fits and all(map(cpu_fp32, (mean, rstd))) and not grad_recorded((grad, mean, rstd))
     if fits and weight is not None and bias is not None and narrow_layer_norm_applies(x, shape, weight, bias, math.inf):
-        with profiled("tnt_vision::layer_norm_backward"):
-            grads = _kernels().layer_norm_backward(*(t.contiguous() for t in (grad, x, mean, rstd, weight)))
+        arguments = [t.contiguous() for t in (grad, x, mean, rstd, weight)]
+        grads = _kernel("layer_norm_backward", _layer_norm_backward_operator, *arguments)
         return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
     grad = grad.to(x.dtype)
     return tuple(torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, needs))
@@ -233,12 +302,12 @@ def narrow_layer_norm_applies(
 ) -> bool:
     """Whether the compiled LayerNorm takes this call: rows of at most `widest` fp32 values on the CPU, with
     weight and bias, where no gradient is recorded (inference, and inside the lean functions of `emulated_bf16`,
-    which keep the statistics it returns for `native_layer_norm_backward`), outside graph capture."""
+    which keep the statistics it returns for `native_layer_norm_backward`), outside exported graphs."""
     if len(shape) != 1 or shape[0] > widest or weight is None or bias is None:
         return False
-    if not all(cpu_fp32(t) for t in (x, weight, bias)) or grad_recorded((x, weight, bias)):
+    if not all(map(cpu_fp32, (x, weight, bias))) or grad_recorded((x, weight, bias)):
         return False
-    return not capturing_graph() and kernels_available()
+    return not exporting_graph() and kernels_available()
 
 
 def gelu_backward_and_value(
@@ -250,9 +319,8 @@ def gelu_backward_and_value(
     is; the sums are of the gradient as written, in its dtype (as `sum_rows` gives them): the bias gradient of the
     linear layer before the GELU, without reading the gradient again."""
     if grad.shape == x.shape and grad.dtype == x.dtype and x.ndim > 0 and elementwise_applies(grad, x):
-        with profiled("tnt_vision::gelu_backward_and_value"):
-            value, column_sums = _kernels().gelu_backward_and_value(grad, x, sums)
-        return grad, value, None if column_sums is None else column_sums.to(grad.dtype)
+        value, column_sums = _kernel("gelu_backward_and_value", _gelu_backward_and_value_operator, grad, x, sums)
+        return grad, value, column_sums.to(grad.dtype) if sums else None
     grad_x = torch.ops.aten.gelu_backward(grad, x)
     return grad_x, torch.nn.functional.gelu(x), sum_rows(grad_x) if sums else None
 
@@ -263,8 +331,7 @@ def softmax_rows(x: torch.Tensor) -> torch.Tensor:
     1.5x as long), else by ATen. A row with a NaN or +inf, or all -inf, is NaN throughout (ATen's keeps the zeros
     beside a +inf)."""
     if x.ndim > 0 and elementwise_applies(x):
-        with profiled("tnt_vision::softmax_rows"):
-            return _kernels().softmax_rows(x)
+        return _kernel("softmax_rows", _softmax_rows_operator, x)
     return torch.softmax(x, -1)
 
 
@@ -273,8 +340,7 @@ def sum_rows(x: torch.Tensor) -> torch.Tensor:
     by the compiled kernel for contiguous fp32 and bf16 CPU tensors (accumulating in fp32, as ATen does), where no
     gradient is recorded, else by ATen."""
     if x.ndim > 0 and elementwise_applies(x):
-        with profiled("tnt_vision::column_sums"):
-            return _kernels().column_sums(x).to(x.dtype)
+        return _kernel("column_sums", _column_sums_operator, x).to(x.dtype)
     return x.sum(tuple(range(x.ndim - 1)))
 
 
@@ -324,15 +390,24 @@ def residual_add(
 
 def elementwise_applies(*tensors: torch.Tensor) -> bool:
     """Whether the elementwise and row kernels (the GELU's, the softmax, the column sums) take these tensors:
-    contiguous fp32 or bf16 CPU ones, no gradient recorded for them, outside graph capture."""
-    kinds = (torch.float32, torch.bfloat16)
-    fits = all(t.device.type == "cpu" and t.dtype in kinds and t.is_contiguous() for t in tensors)
-    return fits and not grad_recorded(tensors) and not capturing_graph() and kernels_available()
+    contiguous fp32 or bf16 CPU ones, no gradient recorded for them, outside exported graphs."""
+    fits = all(map(_elementwise_operand, tensors))
+    return fits and not grad_recorded(tensors) and not exporting_graph() and kernels_available()
 
 
 def grad_recorded(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether autograd records a gradient for any of these tensors (read lazily, only where grad mode is on)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(map(_requires_grad, tensors))
+
+
+# `map` over the tensors in these tests, not a generator expression: torch.compile cannot close a generator that
+# `any` or `all` left unfinished, in the lean training functions it traces (torch 2.14: "generator already executing").
+def _requires_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad
+
+
+def _elementwise_operand(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()
 
 
 def cpu_fp32(t: torch.Tensor) -> bool:

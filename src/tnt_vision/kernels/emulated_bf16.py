@@ -17,9 +17,11 @@ without rounding (`low=None`), and bf16 training on an x86 CPU with bf16 product
 their products are bf16 GEMMs (`_operand`) and they keep less than autocast would (TNT-S at batch 32: a peak of
 3722 against 4350 MiB, speed within the noise).
 
-Elsewhere where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, and with
-`TNT_VISION_CPU_KERNELS=0`, nothing here applies; `native_bf16_autocast` tells the fast paths made for autocast's
-own bf16 products (oneDNN's bf16 linear layers, bf16 LayerNorm outputs, larger micro-batches) to act.
+The emulation steps aside where the CPU has bf16 arithmetic, outside autocast, while a graph is captured, and with
+`TNT_VISION_CPU_KERNELS=0`; `native_bf16_autocast` tells the fast paths made for autocast's own bf16 products
+(oneDNN's bf16 linear layers, bf16 LayerNorm outputs, larger micro-batches) to act. torch.compile traces the
+functions for fp32 and native bf16 training (and `_ExplicitAttention`), with the compiled kernels they call as
+registered operators; exported graphs take the layers.
 """
 
 from __future__ import annotations
@@ -120,8 +122,21 @@ def _bf16_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (TNT-S at batch 32, 2 threads: the outer fc1 3.39 against 4.53 ms, the inner one 1.28 against 1.71;
     `benchmarks/lean_linear_ab.py`)."""
     if onednn_linear_available() and x.is_contiguous():
+        if torch.compiler.is_compiling():  # Inductor lowers oneDNN's own operator only for constant (frozen) weights
+            return _onednn_bf16_linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("tnt_vision::bf16_linear", mutates_args=(), device_types="cpu")
+def _onednn_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_bf16_product` by oneDNN as one opaque call in a torch.compile graph, for weights that change (training)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_bf16_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @asked_once
@@ -213,7 +228,24 @@ def _first_input(
 def _first_input_again(
     kept: Sequence[torch.Tensor], norm: Norm, norm_params: tuple[torch.Tensor | None, ...], low: torch.dtype | None
 ) -> torch.Tensor:
-    return kept[0] if norm is None else _normalised(kept[0], norm, norm_params, low)[0]
+    if norm is None:
+        return kept[0]
+    if torch.compiler.is_compiling():
+        return _normalised_by(kept, norm_params, low)
+    return _normalised(kept[0], norm, norm_params, low)[0]
+
+
+def _normalised_by(
+    kept: Sequence[torch.Tensor], norm_params: tuple[torch.Tensor | None, ...], low: torch.dtype | None
+) -> torch.Tensor:
+    """LayerNorm(x) again from the forward's mean and 1/std, as pointwise operators: what torch.compile's backward
+    recomputes, in one fused pass. The forward's norm call again would be merged with the forward's own by
+    AOTAutograd's common-subexpression pass, and its output kept for backward (the memory this module saves)."""
+    x, mean, rstd = kept
+    weight, bias = norm_params
+    out = (_widened(x, low) - mean) * rstd
+    out = out if weight is None else out * weight
+    return _lowered(out if bias is None else out + bias, low)
 
 
 def _normalised(
@@ -450,7 +482,7 @@ class _ExplicitAttention(torch.autograd.Function):
         grad_scores = torch._softmax_backward_data(grad_out @ v.transpose(-2, -1), weights, -1, weights.dtype)
         grad_qkv = torch.empty(batch, tokens, 3, heads, dim, dtype=grad.dtype, device=grad.device)
         grad_q, grad_k, grad_v = grad_qkv.permute(2, 0, 3, 1, 4)
-        torch.mul(grad_scores @ k, ctx.scale, out=grad_q)
+        grad_q.copy_(torch.mul(grad_scores @ k, ctx.scale))  # not `out=grad_q`: torch.compile cannot trace that
         grad_k.copy_(grad_scores.transpose(-2, -1) @ q)
         grad_v.copy_(weights.transpose(-2, -1) @ grad_out)
         return grad_qkv.view(batch, tokens, 3 * heads * dim), None, None

@@ -13,7 +13,6 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..kernels import (
-    capturing_graph,
     exporting_graph,
     grad_recorded,
     narrow_layer_norm,
@@ -194,10 +193,10 @@ class Attention(nn.Module):
     def explicit_bf16_applies(self, qkv: torch.Tensor) -> bool:
         """bf16 training on a CPU with bf16 products (`bf16_training_on_cpu`), and bf16 inference on one without
         AMX (`bf16_inference_without_amx`), take `explicit_attention_bf16`: the explicit path's products with fewer
-        copies; not with attention dropout, nor while a graph is captured."""
+        copies; not with attention dropout, nor in an exported graph."""
         dropout = self.weights_dropout() > 0
         fits = qkv.dtype == BF16 and qkv.is_contiguous() and not dropout and fused_attention_enabled()
-        return fits and bf16_explicit_on_cpu(qkv) and not capturing_graph()
+        return fits and bf16_explicit_on_cpu(qkv) and not exporting_graph()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         drop = self.weights_dropout()
@@ -287,14 +286,15 @@ def lean_path(module: nn.Module, x: torch.Tensor) -> tuple[bool, torch.dtype | N
     and their `low` dtype: BF16 under emulated bf16 autocast and in training under native bf16 autocast (there
     the products are bf16 ones), None in training without autocast.
 
-    Not in the explicit path, not while a graph is captured, and not where a part of `module` has a hook (the
-    fused functions do not call the parts). The cheap tests first: fp32 inference never scans for hooks.
+    Not in the explicit path, not in an exported graph, and not where a part of `module` has a hook (the fused
+    functions do not call the parts). torch.compile traces them, their kernels as operators (`kernels._kernel`).
+    The cheap tests first: fp32 inference never scans for hooks.
     """
     native_training = native_bf16_autocast(x) and _needs_grad(module, x)
     low = BF16 if emulating_bf16(x) or native_training else None
     if low is None and not records_grad(module, x):
         return False, None
-    if not fused_attention_enabled() or capturing_graph() or parts_hooked(module):
+    if not fused_attention_enabled() or exporting_graph() or parts_hooked(module):
         return False, None
     return True, low
 

@@ -255,6 +255,15 @@ def add_to_patches(sentences: torch.Tensor, update: torch.Tensor) -> torch.Tenso
     return out
 
 
+def compiled_training(x: torch.Tensor) -> bool:
+    """Training traced by torch.compile, where the blocks take the whole batch: with the groups and the lean
+    functions' operators, Inductor's code (torch 2.14) gave wrong gradients upstream of the split (TNT-S at batch
+    32 in four groups: the sentence embedding's norm weight 0.72 of its largest value off a float64 reference, the
+    word embedding's bias 0.004; at batch 4 in two groups 0.73 off eager's), where AOTAutograd's own partition run
+    eagerly gave eager's to the bit; without the groups it matches (`test_kernels.py`)."""
+    return torch.compiler.is_compiling() and grad_recorded((x,))
+
+
 # Groups of images through the blocks (`TNT.split_groups`): each group's words (B_g*N, m, c) or None, and sentences.
 Groups = list[tuple[torch.Tensor | None, torch.Tensor]]
 
@@ -377,13 +386,14 @@ class TNT(nn.Module):
 
         Every operation of a block acts on one image at a time, so the groups give the same result as the whole
         batch; the CPU gains because each group's activations (16 words per patch make the inner transformer's
-        as large as the outer's) are reused from cache instead of memory. Kept under torch.compile (which then
-        specialises on the batch size); off in the explicit reference path and while a graph is exported.
+        as large as the outer's) are reused from cache instead of memory. Kept under torch.compile in inference
+        (which then specialises on the batch size); off in the explicit reference path, while a graph is exported,
+        and in training under torch.compile (`compiled_training`).
         """
         B, tokens = sentences.shape[:2]
         if not (self.cache_blocking and sentences.device.type == "cpu" and fused_attention_enabled()):
             return B
-        if exporting_graph():  # an exported graph must not bake in one batch size's grouping
+        if exporting_graph() or compiled_training(sentences):  # exported: no batch size's grouping baked in
             return B
         cfg = self.cfg
         widest = tokens * cfg.outer_dim * cfg.mlp_ratio
