@@ -97,10 +97,12 @@ class Recording:
 
 
 def contenders(model: nn.Module, train: bool) -> tuple[dict[str, nn.Module], dict[str, Recording]]:
-    """Eager `model`, and two compiled copies (their own weights, their own graphs), each with its recording backend."""
+    """Eager `model`, and two compiled copies (their own weights, their own graphs), each with its recording backend;
+    all in training or eval mode."""
+    model.train(train)
     backends = {"compiled": Recording(), PLAIN: Recording()}
     compiled = {name: torch.compile(copy.deepcopy(model), backend=backend) for name, backend in backends.items()}
-    return {"eager": model.train(train), **compiled}, backends
+    return {"eager": model, **compiled}, backends
 
 
 PLAIN = "compiled, plain operators"
@@ -129,7 +131,7 @@ def gradients(module: nn.Module, x: torch.Tensor, cfg: BenchConfig) -> tuple[lis
     """The parameters' gradients of a cross-entropy step (fixed targets) in fp32, and the bytes kept for backward."""
     with autocast(cfg):
         logits, kept = saved_bytes(lambda: module(x), ignore=list(module.parameters()))
-    torch.nn.functional.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 1000).backward()
+    torch.nn.functional.cross_entropy(logits.float(), torch.arange(x.shape[0]) % logits.shape[-1]).backward()
     grads = [p.grad.float() for p in module.parameters()]
     module.zero_grad(set_to_none=True)
     return grads, kept

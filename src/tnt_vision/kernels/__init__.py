@@ -220,14 +220,14 @@ def _softmax_rows_operator(x: torch.Tensor) -> torch.Tensor:
     return _kernels().softmax_rows(x)
 
 
-@torch.library.custom_op("tnt_vision::column_sums", mutates_args=(), device_types="cpu")
-def _column_sums_operator(x: torch.Tensor) -> torch.Tensor:
-    return _kernels().column_sums(x)
-
-
 @_softmax_rows_operator.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("tnt_vision::column_sums", mutates_args=(), device_types="cpu")
+def _column_sums_operator(x: torch.Tensor) -> torch.Tensor:
+    return _kernels().column_sums(x)
 
 
 @_column_sums_operator.register_fake
