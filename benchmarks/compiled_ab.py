@@ -114,15 +114,16 @@ def checked_gradients(
     """Each contender's gradients of one batch (the compilations) against eager fp32's: in fp32 within 1e-4 of
     each tensor's largest, in bf16 no further than twice eager's own bf16 gradients are (or 5e-2); MiB each
     contender keeps for backward."""
-    reference = gradients(modules["eager"], x, replace(cfg, dtype="fp32"))[0]
     kept, grads = {}, {}
     for name, module in modules.items():
         with context() if name == PLAIN else contextlib.nullcontext():
             grads[name], kept[name] = gradients(module, x, cfg)
+    fp32 = cfg.dtype == "fp32"
+    reference = grads["eager"] if fp32 else gradients(modules["eager"], x, replace(cfg, dtype="fp32"))[0]
     for name, found in grads.items():
         for got, bf16, want in zip(found, grads["eager"], reference, strict=True):
             scale = want.abs().max().item()
-            error = 1e-4 if cfg.dtype == "fp32" else max(5e-2, 2 * (bf16 - want).abs().max().item() / scale)
+            error = 1e-4 if fp32 else max(5e-2, 2 * (bf16 - want).abs().max().item() / scale)
             torch.testing.assert_close(got, want, atol=error * scale, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     return {name: b / 2**20 for name, b in kept.items()}
 

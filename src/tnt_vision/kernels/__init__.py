@@ -166,13 +166,13 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
 _word_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _kernel(name: str, operator: Callable[..., Any], *arguments: Any) -> Any:
-    """The compiled kernel `name` on `arguments`: called directly in eager (no operator dispatch on the host path),
-    and under torch.compile through its registered `operator`, one opaque call in the graph (the lean training
-    functions of `emulated_bf16` are traced with their kernels)."""
+def _kernel(name: str, operator: Any, *arguments: Any) -> Any:
+    """The compiled kernel `name` on `arguments`: called directly in eager (no operator dispatch on the host path;
+    profiled under the operator's name), and under torch.compile through its registered `operator`, one opaque call
+    in the graph (the lean training functions of `emulated_bf16` are traced with their kernels)."""
     if torch.compiler.is_compiling():
         return operator(*arguments)
-    with profiled(f"tnt_vision::{name}"):
+    with profiled(operator._qualname):
         return getattr(_kernels(), name)(*arguments)
 
 
@@ -453,21 +453,11 @@ def kernel_lanes() -> int:
     return _kernels().lanes
 
 
-def word_block(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    qkv_bias: torch.Tensor | None,
-    heads: int,
-    scale: float,
-    eps: list[float],
-) -> torch.Tensor:
+def word_block(x: torch.Tensor, *arguments: Any) -> torch.Tensor:
     """TNT's inner transformer block (pre-norm attention and exact-GELU MLP with their residuals) over each
-    sentence's words in one pass, in inference: the compiled kernel of `word_block.cpp`, fp32 throughout.
-    `weights` as `kernels.inner_block.block_arguments` lists them."""
-    if torch.compiler.is_compiling():  # the registered operator: one opaque call in the graph
-        return _word_block(x, weights, qkv_bias, heads, scale, eps)
-    with profiled("tnt_vision::word_block"):  # eager: the kernel called directly, without the operator's dispatch
-        return _kernels().word_block_forward(x, weights, qkv_bias, heads, scale, eps)
+    sentence's words in one pass, in inference: the compiled kernel of `word_block.cpp`, fp32 throughout. The
+    arguments after the words are the operator's (`_word_block`); `kernels.inner_block.block_arguments` lists them."""
+    return _kernel("word_block_forward", _word_block, x, *arguments)
 
 
 # Inference only (`word_block_applies`: no gradient recorded), so no autograd formula is registered.
@@ -480,7 +470,7 @@ def _word_block(
     scale: float,
     eps: list[float],
 ) -> torch.Tensor:
-    return word_block(x, weights, qkv_bias, heads, scale, eps)  # run, not traced: the eager call
+    return _kernels().word_block_forward(x, weights, qkv_bias, heads, scale, eps)
 
 
 @_word_block.register_fake
