@@ -879,7 +879,8 @@ def test_torch_compile_traces_the_lean_training_functions_with_their_kernels(
     if dtype == "bf16" and not emulated_bf16.bf16_hardware():
         pytest.skip("bf16 training is traced only where the CPU multiplies bf16 (the emulation steps aside)")
     # At 224x224 (197 tokens: the outer attention is not the word kernel's) in groups of two images, where Inductor
-    # gave wrong gradients with the groups (`tnt.compiled_training`; this test fails at Inductor without it)
+    # gives wrong gradients over the groups (AOTAutograd's donated buffers: `tnt.compiled_training`; this test
+    # fails at Inductor without it)
     model = create_model("tnt_s_patch16_224", depth=1, num_classes=10, drop_path_rate=0.0).train()
     randomize_(model)
     x, low = torch.randn(4, 3, 224, 224), torch.bfloat16 if dtype == "bf16" else torch.float32

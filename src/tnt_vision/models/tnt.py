@@ -256,11 +256,15 @@ def add_to_patches(sentences: torch.Tensor, update: torch.Tensor) -> torch.Tenso
 
 
 def compiled_training(x: torch.Tensor) -> bool:
-    """Training traced by torch.compile, where the blocks take the whole batch: with the groups and the lean
-    functions' operators, Inductor's code (torch 2.14) gave wrong gradients upstream of the split (TNT-S at batch
-    32 in four groups: the sentence embedding's norm weight 0.72 of its largest value off a float64 reference, the
-    word embedding's bias 0.004; at batch 4 in two groups 0.73 off eager's), where AOTAutograd's own partition run
-    eagerly gave eager's to the bit; without the groups it matches (`test_kernels.py`)."""
+    """Training traced by torch.compile, where the blocks take the whole batch: over the groups, Inductor's code
+    (torch 2.14) gives wrong gradients upstream of the split (TNT-S at batch 32 in four groups: the sentence
+    embedding's norm weight 0.72 of its largest value off a float64 reference; at batch 4 in two groups 0.73 off
+    eager's). The cause is AOTAutograd's: it saves the whole batch's words (the sentence embedding's input) and
+    each group's slice of them as tensors of one storage and donates them all to the backward, where Inductor
+    writes over a slice that the whole is still to be read from; with `torch._functorch.config.donated_buffer` off
+    the groups match eager (`benchmarks/compiled_groups_check.py`, which a new torch should be checked with). The
+    whole batch matches too (`test_kernels.py`), and the groups gained compiled training nothing measurable with
+    donation off (TNT-S fp32 at batch 32: 7079 ms a step against the whole batch's 7130, five rounds)."""
     return torch.compiler.is_compiling() and grad_recorded((x,))
 
 
