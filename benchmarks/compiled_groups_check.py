@@ -11,7 +11,8 @@ input or output and no gradient shares (`collect_fw_donated_buffer_idxs`), witho
 each other. Over groups it saves the whole batch's words (the sentence embedding's input) and each group's slice of
 them (a block's inner norm input) as separate tensors of one storage; all are donated, and Inductor's backward
 writes a group's recomputed norm over its slice while the sentence embedding's norm has yet to read the whole. The
-sentence embedding's norm weight then gets a gradient far from eager's.
+sentence embedding's norm weight then gets a gradient far from eager's. `donated_buffer_repro.py` shows the same with
+torch alone.
 
 Three compilations of one model's training step, against eager's gradients (eager in groups): over the groups with
 AOTAutograd's donated buffers on (torch's default) and off (`torch._functorch.config.donated_buffer`), and over the

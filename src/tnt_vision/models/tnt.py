@@ -262,9 +262,10 @@ def compiled_training(x: torch.Tensor) -> bool:
     eager's). The cause is AOTAutograd's: it saves the whole batch's words (the sentence embedding's input) and
     each group's slice of them as tensors of one storage and donates them all to the backward, where Inductor
     writes over a slice that the whole is still to be read from; with `torch._functorch.config.donated_buffer` off
-    the groups match eager (`benchmarks/compiled_groups_check.py`, which a new torch should be checked with). The
-    whole batch matches too (`test_kernels.py`), and the groups gained compiled training nothing measurable with
-    donation off (TNT-S fp32 at batch 32: 7079 ms a step against the whole batch's 7130, five rounds)."""
+    the groups match eager. `benchmarks/compiled_groups_check.py` shows it (check a new torch with it) and
+    `benchmarks/donated_buffer_repro.py` with torch alone. The whole batch matches (`test_kernels.py`), and the
+    groups gained compiled training nothing measurable with donation off (TNT-S fp32 at batch 32: 7079 ms a step
+    against the whole batch's 7130, five rounds)."""
     return torch.compiler.is_compiling() and grad_recorded((x,))
 
 
