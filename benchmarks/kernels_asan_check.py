@@ -34,7 +34,11 @@ SIZES = ((224, 3), (224, 2), (64, 5), (32, 1))  # image size, batch
 def runtime(library: str) -> str:
     """The compiler's own copy of `library` (what its `-fsanitize=address` links against)."""
     compiler = os.environ.get("CXX", "c++")
-    path = subprocess.run([compiler, f"-print-file-name={library}"], capture_output=True, text=True).stdout.strip()
+    try:
+        done = subprocess.run([compiler, f"-print-file-name={library}"], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise SystemExit(f"no C++ compiler {compiler!r} (set CXX): the kernels cannot be built here") from None
+    path = done.stdout.strip()
     if not os.path.isabs(path):
         raise SystemExit(f"{compiler} has no {library} (AddressSanitizer's runtime): install the compiler's libasan")
     return path
