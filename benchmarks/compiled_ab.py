@@ -45,6 +45,7 @@ from tnt_vision.bench import (
     never,
     saved_bytes,
     set_threads,
+    tnt_vision_operators,
     train_step,
     within,
 )
@@ -85,10 +86,7 @@ class Recording:
         from torch._inductor.compile_fx import compile_fx
 
         self.graphs += 1
-        for module in graph.modules():  # the graph and its subgraphs (an autograd.Function's forward and backward)
-            if isinstance(module, torch.fx.GraphModule):
-                calls = (str(node.target) for node in module.graph.nodes if node.op == "call_function")
-                self.operators.update(call for call in calls if call.startswith("tnt_vision."))
+        self.operators.update(tnt_vision_operators(graph))
         return compile_fx(graph, inputs)
 
     def __str__(self) -> str:

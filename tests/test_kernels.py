@@ -859,13 +859,6 @@ def test_row_kernel_operators_pass_torch_library_checks() -> None:
         torch.library.opcheck(kernels._column_sums_operator, (hidden,))
 
 
-def _tnt_vision_operators(graph: torch.fx.GraphModule) -> list[str]:
-    """The tnt_vision operators a Dynamo graph calls, its subgraphs' too (an autograd.Function's forward, backward)."""
-    modules = (m for m in graph.modules() if isinstance(m, torch.fx.GraphModule))
-    calls = (str(node.target) for m in modules for node in m.graph.nodes if node.op == "call_function")
-    return [call for call in calls if call.startswith("tnt_vision.")]
-
-
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_torch_compile_traces_the_lean_training_functions_with_their_kernels(
@@ -891,7 +884,7 @@ def test_torch_compile_traces_the_lean_training_functions_with_their_kernels(
     operators: list[str] = []
 
     def recording(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        operators.extend(_tnt_vision_operators(gm))
+        operators.extend(bench.tnt_vision_operators(gm))
         return gm.forward
 
     parameters = list(model.parameters())

@@ -328,6 +328,14 @@ def resident_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def tnt_vision_operators(graph: torch.fx.GraphModule) -> list[str]:
+    """The tnt_vision operators a Dynamo graph calls (`tnt_vision.layer_norm.default`, ...), its subgraphs' too: an
+    autograd.Function's forward and backward, which Dynamo traces as subgraphs."""
+    modules = (m for m in graph.modules() if isinstance(m, torch.fx.GraphModule))
+    calls = (str(node.target) for m in modules for node in m.graph.nodes if node.op == "call_function")
+    return [call for call in calls if call.startswith("tnt_vision.")]
+
+
 def saved_bytes(fn: Callable[[], Any], ignore: Sequence[torch.Tensor] = ()) -> tuple[Any, int]:
     """Run fn; return its result and the bytes autograd keeps for backward meanwhile (each storage once), except
     `ignore`'s storages (parameters, say)."""
